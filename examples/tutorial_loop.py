@@ -1,0 +1,36 @@
+"""The loop from a widely read tutorial: backward, zero_grad, step. It never learns.
+
+gradguard's one line reports GG102 at the step and says how to fix it.
+"""
+
+import torch
+import torch.nn as nn
+
+import gradguard
+
+
+class LinearRegression(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+torch.manual_seed(0)
+x = torch.randn(10, 1)
+y = 3 * x + 2 + torch.randn(10, 1)
+
+model = LinearRegression()
+criterion = nn.MSELoss()
+optimizer = gradguard.guard(torch.optim.SGD(model.parameters(), lr=0.01), model=model)
+
+for epoch in range(100):
+    outputs = model(x)
+    loss = criterion(outputs, y)
+    loss.backward()
+    optimizer.zero_grad()
+    optimizer.step()
+    if (epoch + 1) % 10 == 0:
+        print(f"Epoch [{epoch + 1}/100], Loss: {loss.item():.4f}")

@@ -1,0 +1,43 @@
+"""gradguard: catch gradient-handling bugs in PyTorch training loops while they run.
+
+>>> opt = gradguard.guard(torch.optim.AdamW(model.parameters()), model=model)
+"""
+
+from __future__ import annotations
+
+from gradguard._dispatch import SummaryRow
+from gradguard._exceptions import (
+    ClearedBeforeStepError,
+    ClearedBeforeStepWarning,
+    GradGuardError,
+    GradGuardInternalError,
+    GradGuardWarning,
+    StaleGradientError,
+    StaleGradientWarning,
+    StepWithoutBackwardError,
+    StepWithoutBackwardWarning,
+)
+from gradguard._findings import CATALOGUE, Finding
+from gradguard._guard import Guard, guard, guard_of, guarding, unguard
+
+__all__ = [
+    "CATALOGUE",
+    "ClearedBeforeStepError",
+    "ClearedBeforeStepWarning",
+    "Finding",
+    "GradGuardError",
+    "GradGuardInternalError",
+    "GradGuardWarning",
+    "Guard",
+    "StaleGradientError",
+    "StaleGradientWarning",
+    "StepWithoutBackwardError",
+    "StepWithoutBackwardWarning",
+    "SummaryRow",
+    "guard",
+    "guard_of",
+    "guarding",
+    "unguard",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,195 @@
+"""The one place a `Finding` becomes a log event, a warning or an exception."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import traceback
+import warnings
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import structlog
+
+from gradguard._exceptions import ERRORS, WARNINGS, GradGuardInternalError
+from gradguard._findings import CATALOGUE, Finding
+
+Mode = Literal["warn", "strict", "log"]
+MODES: tuple[Mode, ...] = ("warn", "strict", "log")
+
+_logger = structlog.get_logger("gradguard")
+_fallback: Any = None
+
+
+def validate_mode(mode: object, source: str = "mode") -> Mode:
+    """Return ``mode`` if it is a known mode, else raise naming ``source``."""
+    if not isinstance(mode, str):
+        raise TypeError(f"{source} must be a str, one of {', '.join(MODES)}; got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"{source}={mode!r} is not a mode; use one of: {', '.join(MODES)}")
+    return mode
+
+
+def validate_codes(codes: Iterable[str] | str | None, source: str = "ignore") -> frozenset[str]:
+    """Return ``codes`` as a set after checking each one is in the catalogue."""
+    if codes is None:
+        return frozenset()
+    if isinstance(codes, str):
+        codes = [c for c in codes.replace(" ", ",").split(",") if c]
+    out = set()
+    for code in codes:
+        if not isinstance(code, str):
+            raise TypeError(f"{source} must hold finding codes as str; got {code!r}")
+        if code.upper() not in CATALOGUE:
+            known = ", ".join(sorted(CATALOGUE))
+            raise ValueError(f"{source} names unknown finding code {code!r}; known codes: {known}")
+        out.add(code.upper())
+    return frozenset(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryRow:
+    """Counts for one finding code over a guard's lifetime."""
+
+    code: str
+    name: str
+    level: str
+    count: int
+    first_step: int
+    location: str
+    params: tuple[str, ...]
+    hint: str
+
+
+class Reporter:
+    """Deduplicates findings and emits each new one according to the mode."""
+
+    def __init__(self, mode: Mode, ignore: frozenset[str]) -> None:
+        self.mode = mode
+        self.ignore = ignore
+        self.counts: dict[Finding, int] = {}
+        self._by_key: dict[tuple[str, str, str, tuple[str, ...]], Finding] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Each distinct finding once, in the order first seen."""
+        return list(self.counts)
+
+    def report(self, finding: Finding, filename: str, lineno: int) -> None:
+        """Record ``finding``; emit it the first time it is seen at this place."""
+        if finding.code in self.ignore:
+            return
+        key = (finding.code, finding.optimizer, finding.location, finding.params)
+        with self._lock:
+            first = self._by_key.get(key)
+            if first is not None:
+                self.counts[first] += 1
+                return
+            self._by_key[key] = finding
+            self.counts[finding] = 1
+        self._emit(finding, filename, lineno)
+
+    def _emit(self, finding: Finding, filename: str, lineno: int) -> None:
+        emit_event(finding, console=self.mode != "warn")
+        if self.mode == "warn":
+            warnings.warn_explicit(
+                WARNINGS[finding.code](finding),
+                category=WARNINGS[finding.code],
+                filename=filename,
+                lineno=lineno,
+                module=_module_name(filename),
+            )
+        elif self.mode == "strict" and finding.level != "info":
+            raise ERRORS[finding.code](finding.message, finding)
+
+    def summary(self) -> list[SummaryRow]:
+        """Per code: how often it fired, and where and how it first did."""
+        rows: dict[str, SummaryRow] = {}
+        for finding, count in self.counts.items():
+            row = rows.get(finding.code)
+            if row is None:
+                rows[finding.code] = SummaryRow(
+                    code=finding.code,
+                    name=finding.name,
+                    level=finding.level,
+                    count=count,
+                    first_step=finding.step,
+                    location=finding.location,
+                    params=finding.params,
+                    hint=finding.hint,
+                )
+            else:
+                rows[finding.code] = dataclasses.replace(row, count=row.count + count)
+        return [rows[c] for c in sorted(rows)]
+
+    def internal_error(self, exc: BaseException, where: str) -> None:
+        """Log gradguard's own failure once; in strict mode raise it."""
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        _log().error(
+            "internal-error",
+            where=where,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback=text,
+            note="gradguard disabled this guard; training continues unchanged",
+        )
+        if self.mode == "strict":
+            raise GradGuardInternalError(
+                f"gradguard failed internally in {where} ({type(exc).__name__}: {exc}) "
+                "and disabled this guard; please report this with the traceback."
+            ) from exc
+
+
+def emit_event(finding: Finding, *, console: bool) -> None:
+    """Send ``finding`` through structlog as a stable, keyed event.
+
+    A user who configured structlog gets the event through their own pipeline.
+    Otherwise it goes to a readable line on stderr (never stdout, which belongs
+    to the user's program), unless ``console`` is false because a Python
+    warning already shows it.
+    """
+    if not structlog.is_configured() and not console:
+        return
+    method = {"info": "info", "warning": "warning", "error": "error"}[finding.level]
+    getattr(_log(), method)(
+        finding.name,
+        code=finding.code,
+        step=finding.step,
+        optimizer=finding.optimizer,
+        params=list(finding.params),
+        location=finding.location,
+        hint=finding.hint,
+        message=finding.message,
+    )
+
+
+def _log() -> Any:
+    """The user's structlog pipeline if configured, else a stderr console logger."""
+    if structlog.is_configured():
+        return _logger
+    global _fallback
+    if _fallback is None:
+        _fallback = structlog.wrap_logger(
+            _StderrLogger(),
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+                structlog.dev.ConsoleRenderer(colors=False),
+            ],
+        ).bind(logger="gradguard")
+    return _fallback
+
+
+class _StderrLogger:
+    """Writes each rendered line to the current ``sys.stderr``, looked up per call."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    info = warning = error = debug = critical = msg
+
+
+def _module_name(filename: str) -> str:
+    name = filename.rsplit("/", 1)[-1]
+    return name[:-3] if name.endswith(".py") else name

@@ -1,0 +1,83 @@
+"""Warning and exception classes, one pair per finding code.
+
+Every class reports ``__module__ == "gradguard"`` so that warning filters such as
+``-W "ignore::gradguard.StaleGradientWarning"`` resolve against the public name.
+"""
+
+from __future__ import annotations
+
+from gradguard._findings import Finding
+
+
+class GradGuardWarning(UserWarning):
+    """Base class of every warning gradguard emits in ``mode="warn"``."""
+
+    finding: Finding
+
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(finding.message)
+        self.finding = finding
+
+
+class GradGuardError(RuntimeError):
+    """Base class of every error gradguard raises in ``mode="strict"``.
+
+    ``finding`` holds the structured report; it is ``None`` only for
+    `GradGuardInternalError`, raised when gradguard itself failed.
+    """
+
+    finding: Finding | None
+
+    def __init__(self, message: str, finding: Finding | None = None) -> None:
+        super().__init__(message)
+        self.finding = finding
+
+
+class GradGuardInternalError(GradGuardError):
+    """gradguard failed internally in strict mode; the guard has been disabled."""
+
+
+class StaleGradientWarning(GradGuardWarning):
+    """GG101: a step applied gradients that an earlier step already applied."""
+
+
+class StaleGradientError(GradGuardError):
+    """GG101: a step applied gradients that an earlier step already applied."""
+
+
+class ClearedBeforeStepWarning(GradGuardWarning):
+    """GG102: gradients were cleared between backward() and step()."""
+
+
+class ClearedBeforeStepError(GradGuardError):
+    """GG102: gradients were cleared between backward() and step()."""
+
+
+class StepWithoutBackwardWarning(GradGuardWarning):
+    """GG103: step() ran with no gradient produced since the previous step."""
+
+
+class StepWithoutBackwardError(GradGuardError):
+    """GG103: step() ran with no gradient produced since the previous step."""
+
+
+WARNINGS: dict[str, type[GradGuardWarning]] = {
+    "GG101": StaleGradientWarning,
+    "GG102": ClearedBeforeStepWarning,
+    "GG103": StepWithoutBackwardWarning,
+}
+
+ERRORS: dict[str, type[GradGuardError]] = {
+    "GG101": StaleGradientError,
+    "GG102": ClearedBeforeStepError,
+    "GG103": StepWithoutBackwardError,
+}
+
+for _cls in (
+    GradGuardWarning,
+    GradGuardError,
+    GradGuardInternalError,
+    *WARNINGS.values(),
+    *ERRORS.values(),
+):
+    _cls.__module__ = "gradguard"

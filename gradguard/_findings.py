@@ -1,0 +1,120 @@
+"""The catalogue of finding codes and the `Finding` record every check returns.
+
+Codes and names are a public contract: users filter on them in logs, in
+``ignore=`` and in ``-W`` warning filters. Add codes; never renumber them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Level = Literal["info", "warning", "error"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Code:
+    """One entry of the catalogue: what a finding code means and how to fix it."""
+
+    code: str
+    name: str
+    level: Level
+    summary: str
+    hint: str
+
+
+CATALOGUE: dict[str, Code] = {
+    c.code: c
+    for c in (
+        Code(
+            code="GG101",
+            name="stale-gradient",
+            level="error",
+            summary="step() applied gradients that an earlier step already applied",
+            hint=(
+                "call optimizer.zero_grad() once per step, before loss.backward() "
+                "or right after optimizer.step(), on the optimizer that owns these parameters"
+            ),
+        ),
+        Code(
+            code="GG102",
+            name="cleared-before-step",
+            level="error",
+            summary=(
+                "gradients produced by backward() were cleared before step() used them, "
+                "so the step applied nothing for these parameters"
+            ),
+            hint=(
+                "move zero_grad() before loss.backward() (or after optimizer.step()); "
+                "never clear between backward() and step()"
+            ),
+        ),
+        Code(
+            code="GG103",
+            name="step-without-backward",
+            level="error",
+            summary="step() ran but no parameter received a gradient since the previous step",
+            hint=(
+                "call loss.backward() before optimizer.step(), and keep step() out of "
+                "validation loops and torch.no_grad() blocks"
+            ),
+        ),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One detected gradient-handling problem, with everything needed to fix it.
+
+    Attributes:
+        code: stable code such as ``"GG102"``.
+        name: stable kebab-case name such as ``"cleared-before-step"``.
+        level: ``"info"``, ``"warning"`` or ``"error"``.
+        message: the full one-line report, code first and fix last.
+        hint: the one-line fix.
+        step: the optimizer's step index (1 for its first ``step()`` call).
+        optimizer: a label for the optimizer, such as ``"SGD#0"``.
+        params: qualified parameter names, e.g. ``("encoder.0.weight",)``.
+        location: ``file:line`` of the user's code that ran the step.
+    """
+
+    code: str
+    name: str
+    level: Level
+    message: str
+    hint: str
+    step: int
+    optimizer: str
+    params: tuple[str, ...]
+    location: str
+
+
+def make_finding(
+    code: str, *, step: int, optimizer: str, params: tuple[str, ...], location: str
+) -> Finding:
+    """Build a `Finding` for ``code`` with the catalogue's name, level, message and fix."""
+    entry = CATALOGUE[code]
+    where = f" ({location})" if location else ""
+    message = (
+        f"{entry.code} {entry.name}: {entry.summary}, at step {step} of {optimizer}{where}, "
+        f"params [{', '.join(_shorten(params))}]. Fix: {entry.hint}."
+    )
+    return Finding(
+        code=entry.code,
+        name=entry.name,
+        level=entry.level,
+        message=message,
+        hint=entry.hint,
+        step=step,
+        optimizer=optimizer,
+        params=params,
+        location=location,
+    )
+
+
+def _shorten(params: tuple[str, ...], limit: int = 8) -> list[str]:
+    """Keep a message one line long however many parameters are involved."""
+    if len(params) <= limit:
+        return list(params)
+    return [*params[:limit], f"... {len(params) - limit} more"]
