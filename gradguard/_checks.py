@@ -23,6 +23,8 @@ class StepVerdict:
 
     Attributes:
         stale: accumulated onto a gradient a previous step applied (GG101).
+        stale_changed: stale, then changed in place: clipped (still GG101) or
+            zeroed by a clear gradguard did not see (GG102).
         cleared: backward's gradient was cleared before this step (GG102).
         changed: fresh gradients changed in place since backward, by a clip or
             by a clear gradguard did not see; zero ones mean GG102.
@@ -36,6 +38,7 @@ class StepVerdict:
     """
 
     stale: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    stale_changed: list[torch.Tensor] = dataclasses.field(default_factory=list)
     cleared: list[torch.Tensor] = dataclasses.field(default_factory=list)
     changed: list[torch.Tensor] = dataclasses.field(default_factory=list)
     reapplied: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -50,6 +53,7 @@ class StepVerdict:
             self.trainable
             and not self.any_fresh
             and not (self.stale or self.cleared or self.reapplied or self.reapplied_changed)
+            and not self.stale_changed
         )
 
 
@@ -77,9 +81,12 @@ def _judge_fresh(
         verdict.cleared.append(param)  # set to None after backward
         return
     verdict.any_fresh = True
-    if slot.stale:
-        verdict.stale.append(param)
-    elif not slot.holds(grad) and not grad.is_sparse:
+    if slot.holds(grad) or grad.is_sparse:
+        if slot.stale:
+            verdict.stale.append(param)
+    elif slot.stale:
+        verdict.stale_changed.append(param)
+    else:
         verdict.changed.append(param)
 
 

@@ -20,7 +20,7 @@ from gradguard._checks import StepVerdict, judge_step
 from gradguard._dispatch import Mode, Reporter, SummaryRow, validate_codes, validate_mode
 from gradguard._exceptions import GradGuardError
 from gradguard._findings import Finding, make_finding
-from gradguard._health import DeviceFlag, all_zero
+from gradguard._health import DeviceFlag, zero_flags
 from gradguard._naming import Location, ParamNamer, fallback_names, user_location
 from gradguard._tracker import REGISTRY, Slot
 
@@ -62,20 +62,29 @@ _STEPS = _StepStack()
 
 
 class _Pending:
-    """A device-side verdict not read back yet, with what is needed to report it."""
+    """A device-side verdict not read back yet, with what is needed to report it.
 
-    __slots__ = ("flag", "location", "on_nonzero", "on_zero", "params", "step")
+    ``flag`` holds one "exactly zero" result per parameter when ``each``,
+    else one for all of them; zero ones are reported as ``on_zero``, the
+    others as ``on_nonzero`` (``None``: nothing to report).
+    """
+
+    __slots__ = ("each", "flag", "location", "on_nonzero", "on_zero", "params", "step")
 
     def __init__(
         self,
-        flag: DeviceFlag,
+        params: list[torch.Tensor],
+        *,
+        each: bool,
         step: int,
         location: Location,
-        params: list[torch.Tensor],
         on_zero: str | None,
         on_nonzero: str | None,
     ) -> None:
-        self.flag = flag
+        grads = [p.grad for p in params if p.grad is not None]
+        self.flag = zero_flags(grads, each=each) if len(grads) == len(params) else None
+        del grads  # never hold gradients past this call
+        self.each = each
         self.step = step
         self.location = location
         # Parameters, not gradients: naming them later must not keep grads alive.
@@ -112,6 +121,7 @@ class Guard:
         self._seen: dict[tuple[str, Location, tuple[int, ...]], Finding] = {}
         self._pending: list[_Pending] = []
         self._current: Entries | None = None
+        self._zero_applied: set[int] = set()  # params this step applies as all-zero
         self._step = 0
         self._judge_next = judge_first_step
         self._closed = False
@@ -179,8 +189,11 @@ class Guard:
         try:
             entries = self._current if self._current is not None else self._entries(opt)
             self._current = None
+            zero_applied, self._zero_applied = self._zero_applied, set()
             for param, slot in entries:
                 slot.on_applied(param)
+                if id(param) in zero_applied:
+                    slot.applied = False
         except Exception as exc:
             self._fail(exc, "the step post-hook")
 
@@ -212,10 +225,20 @@ class Guard:
         location = user_location()
         self._report("GG101", verdict.stale + verdict.reapplied, location, self._step)
         self._report("GG102", verdict.cleared, location, self._step)
-        if verdict.changed:
-            self._defer(verdict.changed, location, on_zero="GG102", on_nonzero=None)
-        if not verdict.any_fresh and verdict.reapplied_changed:
-            self._defer(verdict.reapplied_changed, location, on_zero="GG103", on_nonzero="GG101")
+        # Gradients changed in place since we saw them: a clip leaves them
+        # nonzero, a clear we could not see leaves zeros. Ask the device.
+        self._defer(verdict.stale_changed, location, each=True, on_zero="GG102", on_nonzero="GG101")
+        self._defer(verdict.changed, location, each=False, on_zero="GG102", on_nonzero=None)
+        only_zeros_left = not (
+            verdict.any_fresh or verdict.stale or verdict.reapplied or verdict.cleared
+        )
+        self._defer(
+            verdict.reapplied_changed,
+            location,
+            each=True,
+            on_zero="GG103" if only_zeros_left else None,
+            on_nonzero="GG101",
+        )
         if verdict.nothing_to_apply:
             self._report("GG103", [], location, self._step)
 
@@ -223,16 +246,24 @@ class Guard:
         self,
         params: list[torch.Tensor],
         location: Location,
+        *,
+        each: bool,
         on_zero: str | None,
         on_nonzero: str | None,
     ) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
-        flag = all_zero(grads)
-        del grads  # never hold gradients past this call
-        if flag is None:
+        if not params:
             return
-        pending = _Pending(flag, self._step, location, params, on_zero, on_nonzero)
-        if self.mode == "strict" or flag.ready():
+        pending = _Pending(
+            params,
+            each=each,
+            step=self._step,
+            location=location,
+            on_zero=on_zero,
+            on_nonzero=on_nonzero,
+        )
+        if pending.flag is None:
+            return
+        if self.mode == "strict" or pending.flag.ready():
             self._resolve(pending)
         else:
             self._pending.append(pending)
@@ -240,18 +271,30 @@ class Guard:
     def _drain(self, wait: bool) -> None:
         keep = []
         for pending in self._pending:
-            if wait or pending.flag.ready():
+            if wait or (pending.flag is not None and pending.flag.ready()):
                 self._resolve(pending)
             else:
                 keep.append(pending)
         self._pending = keep
 
     def _resolve(self, pending: _Pending) -> None:
-        code = pending.on_zero if pending.flag.value() else pending.on_nonzero
-        if code is None:
-            return
-        params = [p for p in (r() for r in pending.params) if p is not None]
-        self._report(code, [] if code == "GG103" else params, pending.location, pending.step)
+        assert pending.flag is not None
+        values = pending.flag.values()
+        params = [r() for r in pending.params]
+        if not pending.each:
+            values = values * len(params)
+        zero = [p for p, z in zip(params, values, strict=True) if z and p is not None]
+        nonzero = [p for p, z in zip(params, values, strict=True) if not z and p is not None]
+        for p in zero:
+            # The step applied zeros: a backward onto them later is not stale.
+            if pending.step == self._step:
+                self._zero_applied.add(id(p))
+            slot = self._slots.get(id(p))
+            if slot is not None:
+                slot.applied = slot.stale = False
+        for code, group in ((pending.on_zero, zero), (pending.on_nonzero, nonzero)):
+            if code is not None and group:
+                self._report(code, [] if code == "GG103" else group, pending.location, pending.step)
 
     def _report(self, code: str, params: list[torch.Tensor], location: Location, step: int) -> None:
         if not params and code != "GG103":

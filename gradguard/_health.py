@@ -12,7 +12,7 @@ import torch
 
 
 class DeviceFlag:
-    """A boolean computed on some device, readable later without a sync."""
+    """Booleans computed on some device, readable later without a sync."""
 
     __slots__ = ("_event", "_host")
 
@@ -21,7 +21,7 @@ class DeviceFlag:
         if flag.device.type == "cpu":
             self._host = flag
         elif flag.device.type == "cuda":
-            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host = torch.empty(flag.shape, dtype=torch.bool, pin_memory=True)
             self._host.copy_(flag, non_blocking=True)
             self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._event.record()
@@ -32,17 +32,18 @@ class DeviceFlag:
         """Whether `value` can be read without waiting for the device."""
         return self._event is None or bool(self._event.query())  # type: ignore[no-untyped-call]
 
-    def value(self) -> bool:
-        """The flag; waits for the device only if it is not `ready` yet."""
+    def values(self) -> list[bool]:
+        """The flags, flattened; waits for the device only if not `ready` yet."""
         if self._event is not None and not self._event.query():  # type: ignore[no-untyped-call]
             self._event.synchronize()  # sync-ok: only in strict mode or at close
-        return bool(self._host.numpy())
+        return [bool(v) for v in self._host.numpy().reshape(-1)]
 
 
-def all_zero(grads: list[torch.Tensor]) -> DeviceFlag | None:
-    """Queue "every tensor in ``grads`` is exactly zero" as one batched reduction.
+def zero_flags(grads: list[torch.Tensor], *, each: bool) -> DeviceFlag | None:
+    """Queue "exactly zero" for ``grads`` as one batched reduction.
 
-    Returns ``None`` when the tensors span several devices, where one flag
+    With ``each`` one flag per tensor, else one flag for all of them together.
+    Returns ``None`` when the tensors span several devices, where one result
     would need a cross-device copy per step.
     """
     if not grads or len({g.device for g in grads}) != 1:
@@ -51,4 +52,5 @@ def all_zero(grads: list[torch.Tensor]) -> DeviceFlag | None:
         norms = list(torch._foreach_norm(grads))
         if len({n.dtype for n in norms}) != 1:
             norms = [n.float() for n in norms]
-        return DeviceFlag(torch.stack(norms).amax().eq(0))
+        stacked = torch.stack(norms)
+        return DeviceFlag(stacked.eq(0) if each else stacked.amax().eq(0))

@@ -119,7 +119,7 @@ def find_owner_modules(params: Iterable[torch.Tensor]) -> list[nn.Module]:
     finding needs names.
     """
     wanted = {id(p) for p in params}
-    modules = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
+    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
     children = {id(c) for m in modules for c in m.children()}
     scored = [(_coverage(m, wanted), m) for m in modules if id(m) not in children]
     # Prefer the root that covers most of the parameters, then the smaller one.

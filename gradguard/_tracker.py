@@ -123,10 +123,14 @@ class Slot:
     def on_applied(self, param: torch.Tensor) -> None:
         """A step just consumed ``param.grad``."""
         grad = param.grad
+        # Only backward output (fresh, re-applied, or assigned by hand where we
+        # could not see it made) counts; zeros left by a clear are no content.
+        self.applied = grad is not None and (
+            self.fresh > 0 or self.applied or self.ref is None or self.ref() is not grad
+        )
         self.fresh = 0
         self.stale = False
         self.discarded = 0
-        self.applied = grad is not None
         self.see(grad)
 
     def see(self, grad: torch.Tensor | None) -> None:

@@ -1,0 +1,67 @@
+"""Shared models and loops: small, seeded, real PyTorch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gc
+
+import pytest
+import structlog
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradguard
+from gradguard._tracker import REGISTRY
+
+
+class Net(nn.Module):
+    """A two-part model, so findings can name a subset of parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+ALL = ("encoder.0.weight", "encoder.0.bias", "head.weight", "head.bias")
+HEAD = ("head.weight", "head.bias")
+ENCODER = ("encoder.0.weight", "encoder.0.bias")
+
+
+def batches(n: int = 6, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` fixed random regression batches."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)) for _ in range(n)]
+
+
+def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean squared error of ``model`` on ``batch``."""
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+@pytest.fixture
+def net() -> Net:
+    """A freshly seeded `Net`."""
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_guards() -> Iterator[None]:
+    """Fail a test that leaves hooks behind; start each test with structlog unconfigured."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+    gc.collect()
+    assert len(REGISTRY) == 0, "a test left gradguard hooks registered"
+
+
+def codes(g: gradguard.Guard) -> list[str]:
+    """The distinct finding codes a guard reported, in order."""
+    return [f.code for f in g.findings]
