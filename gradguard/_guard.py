@@ -20,7 +20,7 @@ from gradguard._checks import StepVerdict, judge_step
 from gradguard._dispatch import Mode, Reporter, SummaryRow, validate_codes, validate_mode
 from gradguard._exceptions import GradGuardError
 from gradguard._findings import Finding, make_finding
-from gradguard._health import DeviceFlag, zero_flags
+from gradguard._health import zero_flags
 from gradguard._naming import Location, ParamNamer, fallback_names, user_location
 from gradguard._tracker import REGISTRY, Slot
 
@@ -294,10 +294,12 @@ class Guard:
                 slot.applied = slot.stale = False
         for code, group in ((pending.on_zero, zero), (pending.on_nonzero, nonzero)):
             if code is not None and group:
-                self._report(code, [] if code == "GG103" else group, pending.location, pending.step)
+                self._report(code, group, pending.location, pending.step)
 
     def _report(self, code: str, params: list[torch.Tensor], location: Location, step: int) -> None:
-        if not params and code != "GG103":
+        if code == "GG103":
+            params = self._trainable()  # none of them got a gradient
+        if not params:
             return
         key = (code, location, tuple(id(p) for p in params))
         finding = self._seen.get(key)
@@ -311,6 +313,11 @@ class Guard:
             )
             self._seen[key] = finding
         self._reporter.report(finding, location.filename, location.lineno)
+
+    def _trainable(self) -> list[torch.Tensor]:
+        opt = self._opt_ref()
+        groups = opt.param_groups if opt is not None else []
+        return [p for g in groups for p in g["params"] if p.requires_grad]
 
     def _names(self, params: list[torch.Tensor]) -> tuple[str, ...]:
         opt = self._opt_ref()

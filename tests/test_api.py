@@ -47,7 +47,7 @@ def test_guard_rejects_unknown_codes(net):
 def test_guard_rejects_a_model_argument_that_is_not_a_module(net):
     """``model=`` must be a module or modules."""
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="model must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
         gradguard.guard(opt, model=[net, "head"])
 
 
@@ -68,8 +68,11 @@ def test_summary_counts_per_code_with_the_first_location(net):
 def test_catalogue_entries_are_complete():
     """Every catalogued code has a name, a level, a warning and an error class."""
     for code, entry in gradguard.CATALOGUE.items():
-        assert entry.code == code and code.startswith("GG")
-        assert entry.name and entry.hint and entry.level in {"info", "warning", "error"}
+        assert entry.code == code
+        assert code.startswith("GG")
+        assert entry.name
+        assert entry.hint
+        assert entry.level in {"info", "warning", "error"}
         f = gradguard.Finding(code, entry.name, entry.level, "m", entry.hint, 1, "SGD#0", (), "")
         assert f.code == code
 
@@ -86,7 +89,8 @@ def test_log_mode_emits_a_structlog_event_with_stable_keys(net):
     assert event["event"] == "cleared-before-step"
     assert event["log_level"] == "error"
     assert event["params"] == ["encoder.0.weight", "encoder.0.bias", "head.weight", "head.bias"]
-    assert event["step"] == 1 and event["optimizer"].startswith("SGD#")
+    assert event["step"] == 1
+    assert event["optimizer"].startswith("SGD#")
     assert "test_api.py:" in event["location"]
 
 
@@ -99,7 +103,8 @@ def test_log_mode_without_structlog_config_writes_to_stderr_only(net, capsys):
         opt.step()
     out, err = capsys.readouterr()
     assert out == ""
-    assert "cleared-before-step" in err and "code=GG102" in err
+    assert "cleared-before-step" in err
+    assert "code=GG102" in err
 
 
 def test_internal_failure_is_contained_in_log_mode(net, monkeypatch, capsys):
@@ -118,7 +123,8 @@ def test_internal_failure_is_contained_in_log_mode(net, monkeypatch, capsys):
             opt.step()
         assert g.closed
     err = capsys.readouterr().err
-    assert err.count("internal-error") == 1 and "boom" in err
+    assert err.count("internal-error") == 1
+    assert "boom" in err
 
 
 def test_internal_failure_surfaces_in_strict_mode(net, monkeypatch, capsys):

@@ -236,14 +236,18 @@ def test_strict_mode_raises_at_the_step_with_the_finding(net):
 def test_warn_mode_warns_once_per_place_and_points_at_the_users_line(net):
     """Warn mode emits one GradGuardWarning per place, attributed to the step's line."""
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    with (
-        pytest.warns(gradguard.ClearedBeforeStepWarning) as record,
-        gradguard.guarding(opt, model=net),
-    ):
+
+    def loop() -> None:
         for b in batches():
             loss_of(net, b).backward()
             opt.zero_grad()
             opt.step()
+
+    with (
+        gradguard.guarding(opt, model=net),
+        pytest.warns(gradguard.ClearedBeforeStepWarning) as record,
+    ):
+        loop()
     assert len(record) == 1
     assert record[0].filename == __file__
     assert isinstance(record[0].message, gradguard.GradGuardWarning)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Net, batches, loss_of
+from conftest import batches, loss_of
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -171,7 +171,8 @@ def test_gan_with_two_optimizers(clear):
             zero(G, opt_g)
             bce(D(fake), torch.ones(8, 1)).backward()
             opt_g.step()
-    assert gg.findings == [] and gd.findings == []
+    assert gg.findings == []
+    assert gd.findings == []
 
 
 def test_two_optimizers_over_disjoint_parts(net):
@@ -184,7 +185,8 @@ def test_two_optimizers_over_disjoint_parts(net):
             loss_of(net, b).backward()
             opt_a.step()
             opt_b.step()
-    assert ga.findings == [] and gb.findings == []
+    assert ga.findings == []
+    assert gb.findings == []
 
 
 def test_lbfgs_with_a_closure_that_zeroes(net):
@@ -282,7 +284,8 @@ def test_frozen_backbone_kept_out_of_a_second_optimizer(net):
             loss_of(net, b).backward()
             opt_head.step()
             opt_base.step()
-    assert gh.findings == [] and gb.findings == []
+    assert gh.findings == []
+    assert gb.findings == []
 
 
 def test_several_param_groups(net):
@@ -367,7 +370,8 @@ def test_lookahead_wrapper_stepping_its_base(net):
             opt.zero_grad()
             loss_of(net, b).backward()
             opt.step()
-    assert g.findings == [] and gb.findings == []
+    assert g.findings == []
+    assert gb.findings == []
 
 
 class SAM(torch.optim.Optimizer):
@@ -424,7 +428,8 @@ def test_sam_with_a_closure(net):
             opt.zero_grad()
             loss_of(net, b).backward()
             opt.step(closure)
-    assert g.findings == [] and gb.findings == []
+    assert g.findings == []
+    assert gb.findings == []
 
 
 def test_sam_two_step_form(net):
@@ -436,7 +441,8 @@ def test_sam_two_step_form(net):
             opt.first_step(zero_grad=True)
             loss_of(net, b).backward()
             opt.second_step(zero_grad=True)
-    assert g.findings == [] and gb.findings == []
+    assert g.findings == []
+    assert gb.findings == []
 
 
 def test_gradient_penalty_with_create_graph(net):

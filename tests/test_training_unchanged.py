@@ -56,13 +56,15 @@ def test_hooks_and_wrappers_are_gone_after_the_context_exits(net):
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with gradguard.guarding(opt, model=net):
         assert all(p._post_accumulate_grad_hooks for p in net.parameters())
-        assert opt._optimizer_step_pre_hooks and opt._optimizer_step_post_hooks
+        assert opt._optimizer_step_pre_hooks
+        assert opt._optimizer_step_post_hooks
         assert "zero_grad" in opt.__dict__
         opt.zero_grad()
         loss_of(net, batches(1)[0]).backward()
         opt.step()
     assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
-    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not opt._optimizer_step_pre_hooks
+    assert not opt._optimizer_step_post_hooks
     assert "zero_grad" not in opt.__dict__
     assert gradguard.guard_of(opt) is None
 
@@ -70,10 +72,14 @@ def test_hooks_and_wrappers_are_gone_after_the_context_exits(net):
 def test_hooks_are_removed_even_when_the_loop_raises(net):
     """An exception inside the with-block still removes every hook."""
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    with pytest.raises(gradguard.ClearedBeforeStepError), gradguard.guarding(opt, mode="strict"):
+
+    def buggy_step() -> None:
         loss_of(net, batches(1)[0]).backward()
         opt.zero_grad()
         opt.step()
+
+    with pytest.raises(gradguard.ClearedBeforeStepError), gradguard.guarding(opt, mode="strict"):
+        buggy_step()
     assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
     assert not opt._optimizer_step_pre_hooks
     assert "zero_grad" not in opt.__dict__
@@ -86,7 +92,8 @@ def test_unguard_removes_hooks_and_returns_the_findings(net):
     opt.zero_grad()
     opt.step()
     g = gradguard.unguard(opt)
-    assert g is not None and [f.code for f in g.findings] == ["GG102"]
+    assert g is not None
+    assert [f.code for f in g.findings] == ["GG102"]
     assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
     assert gradguard.unguard(opt) is None  # already unguarded: nothing to do
 
