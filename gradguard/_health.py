@@ -36,7 +36,8 @@ class DeviceFlag:
         """The flags, flattened; waits for the device only if not `ready` yet."""
         if self._event is not None and not self._event.query():  # type: ignore[no-untyped-call]
             self._event.synchronize()  # sync-ok: only in strict mode or at close
-        return [bool(v) for v in self._host.numpy().reshape(-1)]
+        # tolist() on a host tensor reads memory directly: no op is dispatched.
+        return [bool(v) for v in self._host.reshape(-1).tolist()]  # sync-ok: host memory
 
 
 def zero_flags(grads: list[torch.Tensor], *, each: bool) -> DeviceFlag | None:
