@@ -35,6 +35,10 @@ class StepVerdict:
         any_fresh: some trainable parameter holds a gradient from a backward
             since the last step.
         trainable: the optimizer holds at least one parameter that requires grad.
+        fresh: trainable parameters holding backward output from since the last step.
+        with_grad: trainable parameters with a dense gradient (what the step applies).
+        lost: parameters whose backward results a clear threw away before this step.
+        micro_batches: the most backward passes any parameter saw since the last step.
     """
 
     stale: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -45,6 +49,10 @@ class StepVerdict:
     reapplied_changed: list[torch.Tensor] = dataclasses.field(default_factory=list)
     any_fresh: bool = False
     trainable: bool = False
+    fresh: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    with_grad: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    lost: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    micro_batches: int = 0
 
     @property
     def nothing_to_apply(self) -> bool:
@@ -65,6 +73,12 @@ def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
             continue  # frozen: the optimizer skips or merely decays it
         verdict.trainable = True
         grad = param.grad
+        if grad is not None and not grad.is_sparse:
+            verdict.with_grad.append(param)
+        if slot.lost:
+            verdict.lost.append(param)
+        if slot.fresh > verdict.micro_batches:
+            verdict.micro_batches = slot.fresh
         if slot.fresh:
             _judge_fresh(verdict, param, slot, grad)
         elif slot.discarded:
@@ -81,6 +95,7 @@ def _judge_fresh(
         verdict.cleared.append(param)  # set to None after backward
         return
     verdict.any_fresh = True
+    verdict.fresh.append(param)
     if slot.holds(grad) or grad.is_sparse:
         if slot.stale:
             verdict.stale.append(param)
@@ -103,3 +118,49 @@ def _judge_unchanged(
             verdict.reapplied.append(param)
         elif not grad.is_sparse:
             verdict.reapplied_changed.append(param)
+
+
+class Windows:
+    """What happens between steps: accumulation windows and discarded backward results.
+
+    With ``accumulation_steps`` declared, a window of another length or a
+    clear inside one is GG104. A final short window is allowed (the end of an
+    epoch); two short windows in a row are not.
+
+    Without a declaration, backward results cleared before any step used
+    them are GG105 once it happens between ``streak`` steps in a row: an
+    occasional discard (an AMP skip, a saliency pass) is not a finding.
+    """
+
+    def __init__(self, declared: int | None, streak: int = 3) -> None:
+        self.declared = declared
+        self.streak = streak
+        self._short_before = False
+        self._discards = 0
+
+    def judge(self, verdict: StepVerdict) -> tuple[str, list[torch.Tensor], str] | None:
+        """Return ``(code, params, detail)`` for this step's window, or ``None``."""
+        if self.declared is not None:
+            return self._judge_declared(verdict, self.declared)
+        if verdict.lost and verdict.any_fresh and not verdict.cleared:
+            self._discards += 1
+        else:
+            self._discards = 0
+        if self._discards >= self.streak:
+            return ("GG105", verdict.lost, f"seen before {self._discards} steps in a row")
+        return None
+
+    def _judge_declared(
+        self, verdict: StepVerdict, declared: int
+    ) -> tuple[str, list[torch.Tensor], str] | None:
+        micro = verdict.micro_batches
+        short, self._short_before = self._short_before, 0 < micro < declared
+        if verdict.lost:
+            return ("GG104", verdict.lost, "a clear inside the window threw micro-batches away")
+        if micro > declared:
+            detail = f"step after {micro} micro-batches, accumulation_steps={declared}"
+            return ("GG104", verdict.fresh, detail)
+        if short and self._short_before:
+            detail = f"a second short window in a row: {micro} of {declared} micro-batches"
+            return ("GG104", verdict.fresh, detail)
+        return None

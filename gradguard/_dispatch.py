@@ -7,7 +7,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import structlog
@@ -69,7 +69,9 @@ class Reporter:
         self.mode = mode
         self.ignore = ignore
         self.counts: dict[Finding, int] = {}
-        self._by_key: dict[tuple[str, str, str, tuple[str, ...]], Finding] = {}
+        self._by_key: dict[tuple[str, str, str], Finding] = {}
+        # Called with every occurrence, before deduplication (tests, recorders).
+        self.listeners: list[Callable[[Finding], None]] = []
         self._lock = threading.Lock()
 
     @property
@@ -81,7 +83,11 @@ class Reporter:
         """Record ``finding``; emit it the first time it is seen at this place."""
         if finding.code in self.ignore:
             return
-        key = (finding.code, finding.optimizer, finding.location, finding.params)
+        for listener in self.listeners:
+            listener(finding)
+        # One report per code and place: a NaN that spreads to more parameters
+        # on the next step is the same problem, counted, not reported again.
+        key = (finding.code, finding.optimizer, finding.location)
         with self._lock:
             first = self._by_key.get(key)
             if first is not None:
@@ -162,6 +168,11 @@ def emit_event(finding: Finding, *, console: bool) -> None:
         hint=finding.hint,
         message=finding.message,
     )
+
+
+def emit_info(event: str, **fields: Any) -> None:
+    """Log an informational event that is not a finding, such as a skipped AMP step."""
+    _log().info(event, **fields)
 
 
 def _log() -> Any:

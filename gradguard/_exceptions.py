@@ -61,16 +61,86 @@ class StepWithoutBackwardError(GradGuardError):
     """GG103: step() ran with no gradient produced since the previous step."""
 
 
+class AccumulationMismatchWarning(GradGuardWarning):
+    """GG104: the declared accumulation window was not respected."""
+
+
+class AccumulationMismatchError(GradGuardError):
+    """GG104: the declared accumulation window was not respected."""
+
+
+class DiscardedGradientsWarning(GradGuardWarning):
+    """GG105: backward results were repeatedly cleared before any step."""
+
+
+class DiscardedGradientsError(GradGuardError):
+    """GG105: backward results were repeatedly cleared before any step."""
+
+
+class NonFiniteGradientWarning(GradGuardWarning):
+    """GG201: a step is applying NaN or Inf gradients."""
+
+
+class NonFiniteGradientError(GradGuardError):
+    """GG201: a step is applying NaN or Inf gradients."""
+
+
+class ExplodingGradientWarning(GradGuardWarning):
+    """GG202: the gradient norm jumped far above its running median."""
+
+
+class ExplodingGradientError(GradGuardError):
+    """GG202: the gradient norm jumped far above its running median."""
+
+
+class UnusedParameterWarning(GradGuardWarning):
+    """GG301: optimizer parameters never received a gradient."""
+
+
+class UnusedParameterError(GradGuardError):
+    """GG301: optimizer parameters never received a gradient."""
+
+
+class UnoptimizedParameterWarning(GradGuardWarning):
+    """GG302: model parameters get gradients but no optimizer updates them."""
+
+
+class UnoptimizedParameterError(GradGuardError):
+    """GG302: model parameters get gradients but no optimizer updates them."""
+
+
+class EvalModeStepWarning(GradGuardWarning):
+    """GG303: a step trains a model that is in eval mode."""
+
+
+class EvalModeStepError(GradGuardError):
+    """GG303: a step trains a model that is in eval mode."""
+
+
 WARNINGS: dict[str, type[GradGuardWarning]] = {
     "GG101": StaleGradientWarning,
     "GG102": ClearedBeforeStepWarning,
     "GG103": StepWithoutBackwardWarning,
+    "GG104": AccumulationMismatchWarning,
+    "GG105": DiscardedGradientsWarning,
+    "GG201": NonFiniteGradientWarning,
+    "GG202": ExplodingGradientWarning,
+    "GG301": UnusedParameterWarning,
+    "GG302": UnoptimizedParameterWarning,
+    "GG303": EvalModeStepWarning,
 }
 
 ERRORS: dict[str, type[GradGuardError]] = {
     "GG101": StaleGradientError,
     "GG102": ClearedBeforeStepError,
     "GG103": StepWithoutBackwardError,
+    "GG104": AccumulationMismatchError,
+    "GG105": DiscardedGradientsError,
+    "GG201": NonFiniteGradientError,
+    "GG202": ExplodingGradientError,
+    "GG301": UnusedParameterError,
+    "GG302": UnoptimizedParameterError,
+    "GG303": EvalModeStepError,
 }
 
 for _cls in (

@@ -59,6 +59,76 @@ CATALOGUE: dict[str, Code] = {
                 "validation loops and torch.no_grad() blocks"
             ),
         ),
+        Code(
+            code="GG104",
+            name="accumulation-mismatch",
+            level="warning",
+            summary="the declared gradient accumulation window was not respected",
+            hint=(
+                "step once every accumulation_steps micro-batches and clear only right "
+                "after the step, through the optimizer"
+            ),
+        ),
+        Code(
+            code="GG105",
+            name="discarded-gradients",
+            level="warning",
+            summary=(
+                "backward results were cleared before any step applied them, step after step, "
+                "so only the last micro-batch before each step counts"
+            ),
+            hint=(
+                "clear once per optimizer step (right after step()), not before every "
+                "micro-batch's backward()"
+            ),
+        ),
+        Code(
+            code="GG201",
+            name="non-finite-gradient",
+            level="error",
+            summary="a step is applying NaN or Inf gradients",
+            hint=(
+                "find the op producing NaN/Inf (torch.autograd.detect_anomaly() for one step), "
+                "lower the learning rate or use a GradScaler, which skips such steps"
+            ),
+        ),
+        Code(
+            code="GG202",
+            name="exploding-gradient",
+            level="warning",
+            summary="the gradient norm jumped far above its running median",
+            hint=(
+                "clip with torch.nn.utils.clip_grad_norm_ before step(), lower the learning "
+                "rate or add warm-up"
+            ),
+        ),
+        Code(
+            code="GG301",
+            name="unused-parameter",
+            level="warning",
+            summary="trainable parameters in the optimizer never received a gradient",
+            hint=(
+                "make sure they take part in the loss (no detach(), no torch.no_grad() around "
+                "them), or freeze them with requires_grad_(False)"
+            ),
+        ),
+        Code(
+            code="GG302",
+            name="unoptimized-parameter",
+            level="warning",
+            summary="parameters of the model receive gradients but no optimizer updates them",
+            hint=(
+                "build the optimizer after the model is complete, or add them with "
+                "optimizer.add_param_group({'params': [...]})"
+            ),
+        ),
+        Code(
+            code="GG303",
+            name="eval-mode-step",
+            level="warning",
+            summary="a step is training a model that is in eval mode",
+            hint="call model.train() after validation, before training resumes",
+        ),
     )
 }
 
@@ -91,13 +161,23 @@ class Finding:
 
 
 def make_finding(
-    code: str, *, step: int, optimizer: str, params: tuple[str, ...], location: str
+    code: str,
+    *,
+    step: int,
+    optimizer: str,
+    params: tuple[str, ...],
+    location: str,
+    detail: str = "",
 ) -> Finding:
-    """Build a `Finding` for ``code`` with the catalogue's name, level, message and fix."""
+    """Build a `Finding` for ``code`` with the catalogue's name, level, message and fix.
+
+    ``detail`` adds the numbers behind a finding (a norm, a count) to its summary.
+    """
     entry = CATALOGUE[code]
     where = f" ({location})" if location else ""
+    what = f"{entry.summary} ({detail})" if detail else entry.summary
     message = (
-        f"{entry.code} {entry.name}: {entry.summary}, at step {step} of {optimizer}{where}, "
+        f"{entry.code} {entry.name}: {what}, at step {step} of {optimizer}{where}, "
         f"params [{', '.join(_shorten(params))}]. Fix: {entry.hint}."
     )
     return Finding(

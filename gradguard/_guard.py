@@ -16,81 +16,46 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradguard._checks import StepVerdict, judge_step
-from gradguard._dispatch import Mode, Reporter, SummaryRow, validate_codes, validate_mode
+from gradguard._checks import StepVerdict, Windows, judge_step
+from gradguard._config import Options, make_options
+from gradguard._dispatch import Reporter, SummaryRow, emit_info
 from gradguard._exceptions import GradGuardError
 from gradguard._findings import Finding, make_finding
-from gradguard._health import zero_flags
+from gradguard._health import NormHistory, Readback, grad_norms, largest_shares, zero_flags
+from gradguard._models import ModelWatch
 from gradguard._naming import Location, ParamNamer, fallback_names, user_location
-from gradguard._tracker import REGISTRY, Slot
+from gradguard._tracker import REGISTRY, STEPS, Slot
 
 OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 Entries = list[tuple[torch.Tensor, Slot]]
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
+Refs = list[weakref.ref[torch.Tensor]]
 
 _GUARDS: weakref.WeakKeyDictionary[torch.optim.Optimizer, Guard] = weakref.WeakKeyDictionary()
 _LABELS: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)
 _LOCK = threading.Lock()
-
-
-class _StepStack(threading.local):
-    """The optimizer steps running in this thread, as ids of their frames.
-
-    A step that starts while another is running (``super().step()``, a
-    Lookahead or SAM wrapper stepping its base optimizer) is part of that
-    outer step: one update, judged once.
-    """
-
-    def __init__(self) -> None:
-        self.frames: list[int] = []
-
-    def running(self) -> bool:
-        """Whether a step is running in this thread, dropping steps that died raising."""
-        if not self.frames:
-            return False
-        live = set()
-        frame = sys._getframe(1)
-        while frame is not None:
-            live.add(id(frame))
-            frame = frame.f_back  # type: ignore[assignment]
-        self.frames = [f for f in self.frames if f in live]
-        return bool(self.frames)
-
-
-_STEPS = _StepStack()
+# How often the model-level check for parameters no optimizer holds runs.
+_UNOPTIMIZED_EVERY = 25
 
 
 class _Pending:
-    """A device-side verdict not read back yet, with what is needed to report it.
+    """A device-side result not read back yet, and what to do with its values."""
 
-    ``flag`` holds one "exactly zero" result per parameter when ``each``,
-    else one for all of them; zero ones are reported as ``on_zero``, the
-    others as ``on_nonzero`` (``None``: nothing to report).
-    """
+    __slots__ = ("readback", "resolve")
 
-    __slots__ = ("each", "flag", "location", "on_nonzero", "on_zero", "params", "step")
+    def __init__(self, readback: Readback, resolve: Callable[[list[float]], None]) -> None:
+        self.readback = readback
+        self.resolve = resolve
 
-    def __init__(
-        self,
-        params: list[torch.Tensor],
-        *,
-        each: bool,
-        step: int,
-        location: Location,
-        on_zero: str | None,
-        on_nonzero: str | None,
-    ) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
-        self.flag = zero_flags(grads, each=each) if len(grads) == len(params) else None
-        del grads  # never hold gradients past this call
-        self.each = each
-        self.step = step
-        self.location = location
-        # Parameters, not gradients: naming them later must not keep grads alive.
-        self.params = [weakref.ref(p) for p in params]
-        self.on_zero = on_zero
-        self.on_nonzero = on_nonzero
+
+def _refs(params: list[torch.Tensor]) -> Refs:
+    # Parameters, not gradients: naming them later must not keep grads alive.
+    return [weakref.ref(p) for p in params]
+
+
+def _alive(refs: Refs) -> list[torch.Tensor]:
+    return [p for p in (r() for r in refs) if p is not None]
 
 
 class Guard:
@@ -106,18 +71,20 @@ class Guard:
         optimizer: torch.optim.Optimizer,
         *,
         models: list[nn.Module],
-        mode: Mode,
-        ignore: frozenset[str],
+        options: Options,
         judge_first_step: bool = True,
     ) -> None:
-        self.mode: Mode = mode
-        self.optimizer: str = (
-            f"{type(optimizer).__name__}#{next(_LABELS[type(optimizer).__name__])}"
-        )
-        self._reporter = Reporter(mode, ignore)
+        self.options = options
+        kind = type(optimizer).__name__
+        self.optimizer: str = f"{kind}#{next(_LABELS[kind])}"
+        self._reporter = Reporter(options.mode, options.ignore)
         self._namer = ParamNamer(models)
+        self._models = ModelWatch(models)
+        self._windows = Windows(options.accumulation_steps)
+        self._norms = NormHistory(options.explode_factor, options.max_grad_norm)
         self._opt_ref = weakref.ref(optimizer, self._optimizer_collected)
         self._slots: dict[int, Slot] = {}
+        self._unused: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self._seen: dict[tuple[str, Location, tuple[int, ...]], Finding] = {}
         self._pending: list[_Pending] = []
         self._current: Entries | None = None
@@ -134,6 +101,11 @@ class Guard:
         self._wrap_zero_grad(optimizer)
 
     # -- public --------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """``"warn"``, ``"strict"`` or ``"log"``."""
+        return self.options.mode
 
     @property
     def findings(self) -> list[Finding]:
@@ -160,14 +132,13 @@ class Guard:
             return
         try:
             self._drain(wait=True)
+            self._report_unused(final=True)
         finally:
             self._detach()
 
     # -- hooks ---------------------------------------------------------------
 
-    def _pre_hook(
-        self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def _pre_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
         if self._closed:
             return
         frame = id(sys._getframe(1))
@@ -177,13 +148,11 @@ class Guard:
             raise  # strict mode: the step does not run, so it is not pushed
         except Exception as exc:
             self._fail(exc, "the step pre-hook")
-        _STEPS.frames.append(frame)
+        STEPS.frames.append(frame)
 
-    def _post_hook(
-        self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        if _STEPS.frames:
-            _STEPS.frames.pop()
+    def _post_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
+        if STEPS.frames:
+            STEPS.frames.pop()
         if self._closed:
             return
         try:
@@ -197,10 +166,8 @@ class Guard:
         except Exception as exc:
             self._fail(exc, "the step post-hook")
 
-    def _before_step(
-        self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        if _STEPS.running():
+    def _before_step(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
+        if STEPS.running():
             self._current = None
             return  # nested in another step: one update, judged by the outer step
         self._step += 1
@@ -210,93 +177,174 @@ class Guard:
         judge, self._judge_next = self._judge_next, True
         if judge and closure is None:
             # With a closure (LBFGS, SAM) backward runs inside the step.
-            self._judge(judge_step(entries))
+            self._judge(opt, entries)
 
     def _on_zero_grad(self, opt: torch.optim.Optimizer) -> None:
-        inside_step = bool(_STEPS.frames) and _STEPS.running()
+        inside_step = STEPS.inside()
         for param, slot in self._entries(opt):
             slot.on_clear(param, inside_step)
 
     # -- judging -------------------------------------------------------------
 
-    def _judge(self, verdict: StepVerdict) -> None:
+    def _judge(self, opt: torch.optim.Optimizer, entries: Entries) -> None:
+        verdict = judge_step(entries)
         if not verdict.trainable:
             return
         location = user_location()
+        self._judge_lifecycle(verdict, location)
+        window = self._windows.judge(verdict)
+        if window is not None:
+            self._report(window[0], window[1], location, self._step, window[2])
+        if self.options.check_numerics and verdict.with_grad:
+            self._check_numerics(opt, verdict.with_grad, location)
+        self._judge_models(entries, verdict, location)
+
+    def _judge_lifecycle(self, verdict: StepVerdict, location: Location) -> None:
+        """GG101-GG103: was this step's gradient made, kept and cleared at the right time."""
         self._report("GG101", verdict.stale + verdict.reapplied, location, self._step)
         self._report("GG102", verdict.cleared, location, self._step)
         # Gradients changed in place since we saw them: a clip leaves them
         # nonzero, a clear we could not see leaves zeros. Ask the device.
-        self._defer(verdict.stale_changed, location, each=True, on_zero="GG102", on_nonzero="GG101")
-        self._defer(verdict.changed, location, each=False, on_zero="GG102", on_nonzero=None)
+        self._defer_zero(verdict.stale_changed, location, "GG102", "GG101", each=True)
+        self._defer_zero(verdict.changed, location, "GG102", None, each=False)
         only_zeros_left = not (
             verdict.any_fresh or verdict.stale or verdict.reapplied or verdict.cleared
         )
-        self._defer(
-            verdict.reapplied_changed,
-            location,
-            each=True,
-            on_zero="GG103" if only_zeros_left else None,
-            on_nonzero="GG101",
-        )
+        on_zero = "GG103" if only_zeros_left else None
+        self._defer_zero(verdict.reapplied_changed, location, on_zero, "GG101", each=True)
         if verdict.nothing_to_apply:
             self._report("GG103", [], location, self._step)
 
-    def _defer(
+    def _judge_models(self, entries: Entries, verdict: StepVerdict, location: Location) -> None:
+        """GG301-GG303: is every parameter really trained, by a model in train mode."""
+        self._report("GG303", self._models.in_eval(verdict.fresh), location, self._step)
+        for param, slot in entries:
+            if not slot.used and param.requires_grad and id(param) not in self._unused:
+                self._unused[id(param)] = (weakref.ref(param), self._step)
+        if self._unused:
+            self._report_unused(final=False, location=location)
+        if self._step % _UNOPTIMIZED_EVERY == 2 % _UNOPTIMIZED_EVERY:
+            held = set(REGISTRY.watched())
+            self._report("GG302", self._models.unoptimized(held), location, self._step)
+
+    def _report_unused(self, final: bool, location: Location | None = None) -> None:
+        due = []
+        for key, (ref, born) in list(self._unused.items()):
+            param = ref()
+            slot = self._slots.get(key)
+            if param is None or slot is None or slot.used:
+                del self._unused[key]
+            elif self._step - born + 1 >= self.options.unused_after:
+                due.append(param)
+                del self._unused[key]
+        if due:
+            where = location if location is not None else Location("", 0)
+            detail = f"in {self.options.unused_after} steps"
+            self._report("GG301", due, where, self._step, detail)
+        if final:
+            self._unused.clear()
+
+    def _check_numerics(
+        self, opt: torch.optim.Optimizer, params: list[torch.Tensor], location: Location
+    ) -> None:
+        """GG201/GG202 from one batched norm per step, read back without a sync."""
+        # A fused optimizer under a GradScaler steps on still-scaled gradients;
+        # the scaler leaves its scale and found-inf flag on the optimizer.
+        scale = getattr(opt, "grad_scale", None)
+        skipped = getattr(opt, "found_inf", None)
+        readback = grad_norms([p.grad for p in params], scale, skipped)  # type: ignore[misc]
+        if readback is None:
+            return
+        refs, step = _refs(params), self._step
+
+        def resolve(values: list[float]) -> None:
+            *norms, skip = values
+            self._numerics(_alive(refs), norms, skip != 0, step, location)
+
+        self._defer(readback, resolve)
+
+    def _numerics(
+        self,
+        params: list[torch.Tensor],
+        norms: list[float],
+        skipped: bool,
+        step: int,
+        location: Location,
+    ) -> None:
+        if skipped:
+            emit_info("skipped-step", step=step, optimizer=self.optimizer, location=str(location))
+            return
+        if len(params) != len(norms):
+            return  # a parameter was freed meanwhile: nothing reliable to say
+        bad = [p for p, n in zip(params, norms, strict=True) if n != n or n in (_INF, -_INF)]
+        self._report("GG201", bad, location, step)
+        total = sum(n * n for n in norms) ** 0.5
+        why = self._norms.judge(total)
+        if why is not None:
+            top = [params[i] for i in largest_shares(norms)]
+            self._report("GG202", top, location, step, why)
+
+    def _defer_zero(
         self,
         params: list[torch.Tensor],
         location: Location,
-        *,
-        each: bool,
         on_zero: str | None,
         on_nonzero: str | None,
+        *,
+        each: bool,
     ) -> None:
+        """Report ``params`` as ``on_zero`` or ``on_nonzero`` once the device says which."""
         if not params:
             return
-        pending = _Pending(
-            params,
-            each=each,
-            step=self._step,
-            location=location,
-            on_zero=on_zero,
-            on_nonzero=on_nonzero,
-        )
-        if pending.flag is None:
+        grads = [p.grad for p in params if p.grad is not None]
+        readback = zero_flags(grads, each=each) if len(grads) == len(params) else None
+        del grads  # never hold gradients past this call
+        if readback is None:
             return
-        if self.mode == "strict" or pending.flag.ready():
-            self._resolve(pending)
+        refs, step = _refs(params), self._step
+
+        def resolve(values: list[float]) -> None:
+            alive = [r() for r in refs]
+            flags = values if each else values * len(alive)
+            zero = [p for p, z in zip(alive, flags, strict=True) if z and p is not None]
+            nonzero = [p for p, z in zip(alive, flags, strict=True) if not z and p is not None]
+            for p in zero:
+                # The step applied zeros: a backward onto them later is not stale.
+                if step == self._step:
+                    self._zero_applied.add(id(p))
+                slot = self._slots.get(id(p))
+                if slot is not None:
+                    slot.applied = slot.stale = False
+            for code, group in ((on_zero, zero), (on_nonzero, nonzero)):
+                if code is not None and group:
+                    self._report(code, group, location, step)
+
+        self._defer(readback, resolve)
+
+    def _defer(self, readback: Readback, resolve: Callable[[list[float]], None]) -> None:
+        pending = _Pending(readback, resolve)
+        if self.options.mode == "strict" or readback.ready():
+            resolve(readback.values())
         else:
             self._pending.append(pending)
 
     def _drain(self, wait: bool) -> None:
         keep = []
         for pending in self._pending:
-            if wait or (pending.flag is not None and pending.flag.ready()):
-                self._resolve(pending)
+            if wait or pending.readback.ready():
+                pending.resolve(pending.readback.values())
             else:
                 keep.append(pending)
         self._pending = keep
 
-    def _resolve(self, pending: _Pending) -> None:
-        assert pending.flag is not None
-        values = pending.flag.values()
-        params = [r() for r in pending.params]
-        if not pending.each:
-            values = values * len(params)
-        zero = [p for p, z in zip(params, values, strict=True) if z and p is not None]
-        nonzero = [p for p, z in zip(params, values, strict=True) if not z and p is not None]
-        for p in zero:
-            # The step applied zeros: a backward onto them later is not stale.
-            if pending.step == self._step:
-                self._zero_applied.add(id(p))
-            slot = self._slots.get(id(p))
-            if slot is not None:
-                slot.applied = slot.stale = False
-        for code, group in ((pending.on_zero, zero), (pending.on_nonzero, nonzero)):
-            if code is not None and group:
-                self._report(code, group, pending.location, pending.step)
-
-    def _report(self, code: str, params: list[torch.Tensor], location: Location, step: int) -> None:
+    def _report(
+        self,
+        code: str,
+        params: list[torch.Tensor],
+        location: Location,
+        step: int,
+        detail: str = "",
+    ) -> None:
         if code == "GG103":
             params = self._trainable()  # none of them got a gradient
         if not params:
@@ -310,6 +358,7 @@ class Guard:
                 optimizer=self.optimizer,
                 params=self._names(params),
                 location=str(location),
+                detail=detail,
             )
             self._seen[key] = finding
         self._reporter.report(finding, location.filename, location.lineno)
@@ -355,9 +404,9 @@ class Guard:
         @functools.wraps(original)
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
             target = opt_ref()
-            result = (
-                original(*args, **kwargs) if prev is not None else original(target, *args, **kwargs)
-            )
+            if prev is None:
+                args = (target, *args)
+            result = original(*args, **kwargs)
             g = guard_ref()
             if g is not None and target is not None and not g._closed:
                 try:
@@ -393,6 +442,7 @@ class Guard:
             REGISTRY.release(slot)
         self._slots.clear()
         self._pending.clear()
+        self._unused.clear()
         self._current = None
 
     def _optimizer_collected(self, _ref: object) -> None:
@@ -409,6 +459,9 @@ class Guard:
         self._pending.clear()
         self._detach()
         self._reporter.internal_error(exc, where)
+
+
+_INF = float("inf")
 
 
 def _models(model: nn.Module | Iterable[nn.Module] | None) -> list[nn.Module]:
@@ -451,22 +504,18 @@ def attach(
     optimizer: object,
     *,
     model: nn.Module | Iterable[nn.Module] | None = None,
-    mode: str = "warn",
-    ignore: Iterable[str] | None = None,
     judge_first_step: bool = True,
+    **options: Any,
 ) -> Guard:
     """Validate the arguments and return the optimizer's guard, creating it if needed."""
     opt = _check_optimizer(optimizer)
-    checked_mode = validate_mode(mode)
-    codes = validate_codes(ignore)
+    checked = make_options(**options)
     models = _models(model)
     with _LOCK:
         existing = _GUARDS.get(opt)
         if existing is not None and not existing.closed:
             return existing
-        g = Guard(
-            opt, models=models, mode=checked_mode, ignore=codes, judge_first_step=judge_first_step
-        )
+        g = Guard(opt, models=models, options=checked, judge_first_step=judge_first_step)
         _GUARDS[opt] = g
     return g
 
@@ -477,23 +526,48 @@ def guard(
     model: nn.Module | Iterable[nn.Module] | None = None,
     mode: str = "warn",
     ignore: Iterable[str] | None = None,
+    accumulation_steps: int | None = None,
+    check_numerics: bool = True,
+    explode_factor: float = 10.0,
+    max_grad_norm: float | None = None,
+    unused_after: int = 20,
 ) -> OptimizerT:
     """Watch ``optimizer`` for gradient-handling bugs and return it unchanged.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; the same object comes back.
         model: the module (or modules) owning the parameters, for names such
-            as ``encoder.0.weight``; found automatically on the first finding
-            when omitted.
+            as ``encoder.0.weight`` and the model-level checks; found
+            automatically when omitted.
         mode: ``"warn"`` (a `GradGuardWarning` plus a log event), ``"strict"``
             (raise a `GradGuardError` at the step) or ``"log"`` (log event only).
         ignore: finding codes to silence, e.g. ``["GG103"]``.
+        accumulation_steps: micro-batches per step, if you accumulate on
+            purpose; enables GG104 instead of GG105.
+        check_numerics: run the non-finite (GG201) and exploding (GG202)
+            checks, one batched norm per step on the device.
+        explode_factor: GG202 fires when the total gradient norm reaches this
+            multiple of its running median.
+        max_grad_norm: GG202 also fires above this absolute total norm.
+        unused_after: steps after which a parameter that never received a
+            gradient is reported (GG301).
 
     Raises:
-        TypeError: ``optimizer`` is not an optimizer (a model, ``None``, ...).
-        ValueError: unknown ``mode`` or finding code.
+        TypeError: ``optimizer`` is not an optimizer (a model, ``None``, ...),
+            or an option has the wrong type.
+        ValueError: unknown ``mode`` or finding code, or an out-of-range option.
     """
-    attach(optimizer, model=model, mode=mode, ignore=ignore)
+    attach(
+        optimizer,
+        model=model,
+        mode=mode,
+        ignore=ignore,
+        accumulation_steps=accumulation_steps,
+        check_numerics=check_numerics,
+        explode_factor=explode_factor,
+        max_grad_norm=max_grad_norm,
+        unused_after=unused_after,
+    )
     return optimizer
 
 
@@ -504,15 +578,31 @@ def guarding(
     model: nn.Module | Iterable[nn.Module] | None = None,
     mode: str = "warn",
     ignore: Iterable[str] | None = None,
+    accumulation_steps: int | None = None,
+    check_numerics: bool = True,
+    explode_factor: float = 10.0,
+    max_grad_norm: float | None = None,
+    unused_after: int = 20,
 ) -> Iterator[Guard]:
     """Guard ``optimizer`` inside a ``with`` block; every hook is removed on exit, even on error.
 
-    Yields the `Guard`, whose ``findings`` and ``summary()`` stay readable
-    after the block. An optimizer that was already guarded keeps its guard.
+    Takes the same arguments as `guard`. Yields the `Guard`, whose
+    ``findings`` and ``summary()`` stay readable after the block. An optimizer
+    that was already guarded keeps its guard.
     """
     opt = _check_optimizer(optimizer)
     owned = _GUARDS.get(opt) is None
-    g = attach(opt, model=model, mode=mode, ignore=ignore)
+    g = attach(
+        opt,
+        model=model,
+        mode=mode,
+        ignore=ignore,
+        accumulation_steps=accumulation_steps,
+        check_numerics=check_numerics,
+        explode_factor=explode_factor,
+        max_grad_norm=max_grad_norm,
+        unused_after=unused_after,
+    )
     try:
         yield g
     finally:

@@ -1,57 +1,129 @@
 """Numeric checks computed on the device and read back without stalling it.
 
-A check is a handful of batched ops queued behind the training step; its
-boolean result is copied to pinned host memory with a non-blocking copy and
-read only once a CUDA event says the copy is complete. On the CPU the result
-is ready as soon as it is computed, so reading it costs nothing.
+A check is a handful of batched ops queued behind the training step; its result
+is copied to pinned host memory with a non-blocking copy and read only once a
+CUDA event says the copy is complete. On the CPU the result is ready as soon as
+it is computed, and ``tolist()`` on a host tensor dispatches no op, so reading
+it costs nothing either.
 """
 
 from __future__ import annotations
 
+import collections
+import math
+import statistics
+
 import torch
 
 
-class DeviceFlag:
-    """Booleans computed on some device, readable later without a sync."""
+class Readback:
+    """Values computed on some device, readable later without a sync."""
 
     __slots__ = ("_event", "_host")
 
-    def __init__(self, flag: torch.Tensor) -> None:
+    def __init__(self, values: torch.Tensor) -> None:
         self._event: torch.cuda.Event | None = None
-        if flag.device.type == "cpu":
-            self._host = flag
-        elif flag.device.type == "cuda":
-            self._host = torch.empty(flag.shape, dtype=torch.bool, pin_memory=True)
-            self._host.copy_(flag, non_blocking=True)
+        if values.device.type == "cpu":
+            self._host = values
+        elif values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
             self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._event.record()
         else:  # other backends: no event API we rely on, so read it now
-            self._host = flag.to("cpu")
+            self._host = values.to("cpu")
 
     def ready(self) -> bool:
-        """Whether `value` can be read without waiting for the device."""
+        """Whether `values` can be read without waiting for the device."""
         return self._event is None or bool(self._event.query())  # type: ignore[no-untyped-call]
 
-    def values(self) -> list[bool]:
-        """The flags, flattened; waits for the device only if not `ready` yet."""
+    def values(self) -> list[float]:
+        """The values, flattened; waits for the device only if not `ready` yet."""
         if self._event is not None and not self._event.query():  # type: ignore[no-untyped-call]
             self._event.synchronize()  # sync-ok: only in strict mode or at close
         # tolist() on a host tensor reads memory directly: no op is dispatched.
-        return [bool(v) for v in self._host.reshape(-1).tolist()]  # sync-ok: host memory
+        return [float(v) for v in self._host.reshape(-1).tolist()]  # sync-ok: host memory
 
 
-def zero_flags(grads: list[torch.Tensor], *, each: bool) -> DeviceFlag | None:
+def _one_device(grads: list[torch.Tensor]) -> bool:
+    return bool(grads) and len({g.device for g in grads}) == 1
+
+
+def zero_flags(grads: list[torch.Tensor], *, each: bool) -> Readback | None:
     """Queue "exactly zero" for ``grads`` as one batched reduction.
 
     With ``each`` one flag per tensor, else one flag for all of them together.
     Returns ``None`` when the tensors span several devices, where one result
     would need a cross-device copy per step.
     """
-    if not grads or len({g.device for g in grads}) != 1:
+    if not _one_device(grads):
         return None
     with torch.no_grad():
-        norms = list(torch._foreach_norm(grads))
-        if len({n.dtype for n in norms}) != 1:
-            norms = [n.float() for n in norms]
-        stacked = torch.stack(norms)
-        return DeviceFlag(stacked.eq(0) if each else stacked.amax().eq(0))
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        return Readback(norms.eq(0) if each else norms.amax().eq(0))
+
+
+def grad_norms(
+    grads: list[torch.Tensor], scale: torch.Tensor | None, skipped: torch.Tensor | None
+) -> Readback | None:
+    """Queue each gradient's 2-norm, divided by ``scale``, then a skipped-step flag.
+
+    ``scale`` is a GradScaler's scale when the gradients are still scaled at
+    step time (fused optimizers); ``skipped`` its found-inf tensor, nonzero
+    when the scaler is skipping this step.
+    """
+    if not _one_device(grads):
+        return None
+    with torch.no_grad():
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        if scale is not None:
+            norms = norms / scale.to(device=norms.device, dtype=torch.float32)
+        flag = (
+            skipped.to(device=norms.device, dtype=torch.float32).reshape(1)
+            if skipped is not None
+            else norms.new_zeros(1)
+        )
+        return Readback(torch.cat([norms, flag]))
+
+
+class NormHistory:
+    """Running record of total gradient norms, to tell a jump from normal variation."""
+
+    def __init__(
+        self, factor: float, max_norm: float | None, warmup: int = 20, size: int = 200
+    ) -> None:
+        self.factor = factor
+        self.max_norm = max_norm
+        self.warmup = warmup
+        self._norms: collections.deque[float] = collections.deque(maxlen=size)
+
+    def judge(self, total: float) -> str | None:
+        """Record ``total``; return why it is exploding, or ``None``.
+
+        A non-finite norm is another finding's business and never enters
+        the history, so one NaN step does not poison the median.
+        """
+        if not math.isfinite(total):
+            return None
+        verdict = None
+        if self.max_norm is not None and total > self.max_norm:
+            verdict = f"total norm {total:.3g} > max_grad_norm {self.max_norm:g}"
+        elif len(self._norms) >= self.warmup:
+            median = statistics.median(self._norms)
+            if median > 0 and total >= self.factor * median:
+                verdict = f"total norm {total:.3g} is {total / median:.0f}x its median {median:.3g}"
+        self._norms.append(total)
+        return verdict
+
+
+def largest_shares(norms: list[float], limit: int = 5) -> list[int]:
+    """Indices of the gradients that make up at least half of the squared total norm."""
+    order = sorted(range(len(norms)), key=lambda i: -norms[i])
+    total = sum(n * n for n in norms)
+    picked, acc = [], 0.0
+    for i in order[:limit]:
+        picked.append(i)
+        acc += norms[i] * norms[i]
+        if acc >= total / 2:
+            break
+    return picked

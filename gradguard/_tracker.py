@@ -11,6 +11,7 @@ compares one weak reference and one version number and bumps a counter.
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -20,6 +21,37 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 ErrorHandler = Callable[[BaseException], None]
+
+
+class _StepStack(threading.local):
+    """The optimizer steps running in this thread, as ids of their frames.
+
+    A step that starts while another is running (``super().step()``, a
+    Lookahead or SAM wrapper stepping its base optimizer) is part of that
+    outer step: one update, judged once.
+    """
+
+    def __init__(self) -> None:
+        self.frames: list[int] = []
+
+    def running(self) -> bool:
+        """Whether a step is running in this thread, dropping steps that died raising."""
+        if not self.frames:
+            return False
+        live = set()
+        frame = sys._getframe(1)
+        while frame is not None:
+            live.add(id(frame))
+            frame = frame.f_back  # type: ignore[assignment]
+        self.frames = [f for f in self.frames if f in live]
+        return bool(self.frames)
+
+    def inside(self) -> bool:
+        """Whether this thread is inside an optimizer step (cheap when it is not)."""
+        return bool(self.frames) and self.running()
+
+
+STEPS = _StepStack()
 
 
 class Slot:
@@ -32,6 +64,9 @@ class Slot:
         stale: the gradient holds a contribution a step already applied.
         applied: the last thing that happened was a step applying ``ref``.
         discarded: accumulations that a clear threw away before any step.
+        lost: backward results thrown away since the last step, by any clear,
+            counting only clears outside a step of gradients no step used.
+        used: backward has ever written to this parameter.
     """
 
     __slots__ = (
@@ -41,10 +76,13 @@ class Slot:
         "finalizer",
         "fresh",
         "handle",
+        "lost",
         "on_error",
         "param_ref",
+        "param_version",
         "ref",
         "stale",
+        "used",
         "users",
         "version",
     )
@@ -58,6 +96,9 @@ class Slot:
         self.stale = False
         self.applied = False
         self.discarded = 0
+        self.lost = 0
+        self.used = False
+        self.param_version = param._version
         grad = param.grad
         # A gradient that exists before we watch came from a backward we did
         # not see; count it as fresh so the first step is not misjudged.
@@ -100,19 +141,33 @@ class Slot:
             else:
                 # A new object, or one changed in place since we saw it
                 # (cleared, rescaled): its history ends here.
+                if self.fresh and not self.stale and grad is not None and grad.grad_fn is None:
+                    self._discard(param)  # create_graph replaces .grad keeping its content
                 self.ref = None if grad is None else weakref.ref(grad)
                 self.stale = False
                 self.fresh = 1
+            self.used = True
             self.version = -1 if grad is None else grad._version
             self.applied = False
             self.discarded = 0
         except Exception as exc:  # never break a user's backward
             self.on_error(exc)
 
+    def _discard(self, param: torch.Tensor) -> None:
+        # Not lost work: a clear inside a step (LBFGS, SAM with a closure), or
+        # after the parameter itself was moved outside a step (SAM's
+        # first_step perturbs the weights, then clears for a second backward).
+        if not STEPS.inside() and param._version == self.param_version:
+            self.lost += self.fresh
+
     def on_clear(self, param: torch.Tensor, inside_step: bool) -> None:
         """An observed ``zero_grad`` just cleared ``param.grad``."""
         if not inside_step and self.fresh:
             self.discarded = self.fresh
+            if not self.stale:
+                # A gradient built on an applied one (a GAN's cross-model
+                # backward) is cleanup after a step, not lost work.
+                self._discard(param)
         if inside_step:
             self.discarded = 0
         self.fresh = 0
@@ -131,6 +186,8 @@ class Slot:
         self.fresh = 0
         self.stale = False
         self.discarded = 0
+        self.lost = 0
+        self.param_version = param._version
         self.see(grad)
 
     def see(self, grad: torch.Tensor | None) -> None:
@@ -185,6 +242,11 @@ class Registry:
         with self._lock:
             if self._slots.get(key) is slot_ref():
                 del self._slots[key]
+
+    def watched(self) -> list[int]:
+        """Ids of the parameters some live guard watches."""
+        with self._lock:
+            return list(self._slots)
 
     def __len__(self) -> int:
         return len(self._slots)

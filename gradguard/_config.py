@@ -1,0 +1,73 @@
+"""Guard options, validated where they are passed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+from gradguard._dispatch import Mode, validate_codes, validate_mode
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Everything a guard can be told; see `gradguard.guard` for the meaning of each."""
+
+    mode: Mode = "warn"
+    ignore: frozenset[str] = frozenset()
+    accumulation_steps: int | None = None
+    check_numerics: bool = True
+    explode_factor: float = 10.0
+    max_grad_norm: float | None = None
+    unused_after: int = 20
+
+
+def make_options(
+    *,
+    mode: object = "warn",
+    ignore: Iterable[str] | str | None = None,
+    accumulation_steps: object = None,
+    check_numerics: object = True,
+    explode_factor: object = 10.0,
+    max_grad_norm: object = None,
+    unused_after: object = 20,
+) -> Options:
+    """Check every option and return them as `Options`; raise naming the bad one."""
+    return Options(
+        mode=validate_mode(mode),
+        ignore=validate_codes(ignore),
+        accumulation_steps=_positive_int("accumulation_steps", accumulation_steps, optional=True),
+        check_numerics=_bool("check_numerics", check_numerics),
+        explode_factor=_positive_float("explode_factor", explode_factor, above=1.0) or 10.0,
+        max_grad_norm=_positive_float("max_grad_norm", max_grad_norm, optional=True),
+        unused_after=_positive_int("unused_after", unused_after) or 20,
+    )
+
+
+def _bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return value
+
+
+def _positive_int(name: str, value: object, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        allowed = "a positive int or None" if optional else "a positive int"
+        raise TypeError(f"{name} must be {allowed}; got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value}")
+    return value
+
+
+def _positive_float(
+    name: str, value: object, optional: bool = False, above: float = 0.0
+) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {value!r}")
+    if not math.isfinite(value) or value <= above:
+        raise ValueError(f"{name} must be a finite number above {above:g}; got {value!r}")
+    return float(value)

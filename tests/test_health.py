@@ -1,0 +1,480 @@
+"""Gradient health and model-level checks: GG104, GG105, GG201, GG202, GG301-GG303."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+import torch
+import torch.nn.functional as F
+from conftest import ALL, ENCODER, HEAD, batches, codes, loss_of
+from torch import nn
+
+import gradguard
+
+
+def train(net, opt, *, steps=6, hook=None, zero=True):
+    """A correct loop; ``hook(i, net, opt, loss)`` may change the loss of step ``i``."""
+    for i, b in enumerate(batches(steps)):
+        if zero:
+            opt.zero_grad()
+        loss = loss_of(net, b)
+        if hook is not None:
+            loss = hook(i, net, opt, loss)
+        loss.backward()
+        opt.step()
+
+
+# -- GG201 non-finite-gradient ---------------------------------------------------
+
+
+def nan_into_head_bias(at):
+    def hook(i, net, opt, loss):
+        if i == at:
+            return loss + (net.head.bias * torch.tensor(float("nan"))).sum()
+        return loss
+
+    return hook
+
+
+def test_nan_gradient_names_the_parameter_and_step(net):
+    """A NaN reaching one parameter's gradient is GG201 naming it, at its step."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="log") as g:
+        train(net, opt, hook=nan_into_head_bias(2))
+    assert codes(g) == ["GG201"]
+    assert g.findings[0].params == ("head.bias",)
+    assert g.findings[0].step == 3
+
+
+def test_strict_mode_raises_before_the_nan_is_applied(net):
+    """In strict mode GG201 raises at the step, before the weights turn NaN."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="strict"):
+        with pytest.raises(gradguard.NonFiniteGradientError) as info:
+            train(net, opt, hook=nan_into_head_bias(1))
+        assert torch.isfinite(net.head.bias).all()
+    assert info.value.finding.step == 2
+
+
+def test_inf_gradient_is_non_finite(net):
+    """An Inf gradient is GG201 as well."""
+    opt = torch.optim.Adam(net.parameters())
+
+    def hook(i, net, opt, loss):
+        return loss + net.encoder[0].bias.sum() * float("inf") if i == 0 else loss
+
+    with gradguard.guarding(opt, model=net, mode="log") as g:
+        train(net, opt, steps=1, hook=hook)
+    assert codes(g) == ["GG201"]
+    assert g.findings[0].params == ("encoder.0.bias",)
+
+
+def test_fused_optimizer_grad_scaler_skip_is_an_info_event(net):
+    """A fused optimizer's step that the scaler skips for inf is logged, not GG201."""
+    opt = torch.optim.Adam(net.parameters(), fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    with structlog.testing.capture_logs() as logs, gradguard.guarding(opt, mode="strict") as g:
+        for i, b in enumerate(batches()):
+            opt.zero_grad()
+            loss = loss_of(net, b) * (float("inf") if i == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert g.findings == []
+    skipped = [e for e in logs if e["event"] == "skipped-step"]
+    assert [e["step"] for e in skipped] == [3]
+
+
+def test_numerics_can_be_switched_off(net):
+    """``check_numerics=False`` disables GG201 and GG202."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="strict", check_numerics=False) as g:
+        train(net, opt, hook=nan_into_head_bias(2))
+    assert g.findings == []
+
+
+# -- GG202 exploding-gradient ----------------------------------------------------
+
+
+def spike(at, factor):
+    return lambda i, net, opt, loss: loss * factor if i == at else loss
+
+
+def test_gradient_norm_jump_is_exploding_and_names_the_largest_shares(net):
+    """A 1000x jump after warm-up is GG202 with the parameters carrying most of the norm."""
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    with gradguard.guarding(opt, model=net, mode="log") as g:
+        train(net, opt, steps=30, hook=spike(25, 1000.0))
+    assert codes(g) == ["GG202"]
+    f = g.findings[0]
+    assert f.step == 26
+    assert f.params
+    assert set(f.params) <= set(ALL)
+    assert "x its median" in f.message
+
+
+def test_absolute_max_grad_norm(net):
+    """``max_grad_norm`` fires on any step above it, warm-up or not."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="log", max_grad_norm=1e-6) as g:
+        train(net, opt, steps=2)
+    assert codes(g) == ["GG202"]
+    assert g.findings[0].step == 1
+
+
+def test_large_step_during_warm_up_is_silent(net):
+    """A big but finite step inside the warm-up window is not a finding."""
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    with gradguard.guarding(opt, model=net, mode="strict") as g:
+        train(net, opt, steps=30, hook=spike(3, 100.0))
+    assert g.findings == []
+
+
+def test_clipping_before_step_keeps_a_spike_silent(net):
+    """The norm judged is the clipped one the step applies."""
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+
+    def hook(i, net, opt, loss):
+        return loss * 1000.0 if i == 25 else loss
+
+    with gradguard.guarding(opt, model=net, mode="strict") as g:
+        for i, b in enumerate(batches(30)):
+            opt.zero_grad()
+            hook(i, net, opt, loss_of(net, b)).backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)
+            opt.step()
+    assert g.findings == []
+
+
+# -- GG104 accumulation-mismatch -------------------------------------------------
+
+
+def accumulate(net, opt, data, *, every, clear_inside=False, declared=4, mode="log"):
+    with gradguard.guarding(opt, model=net, mode=mode, accumulation_steps=declared) as g:
+        opt.zero_grad()
+        for i, b in enumerate(data):
+            if clear_inside:
+                net.zero_grad()  # the bug: wipes the micro-batches accumulated so far
+            (loss_of(net, b) / declared).backward()
+            if (i + 1) % every == 0 or i + 1 == len(data):
+                opt.step()
+                opt.zero_grad()
+    return g
+
+
+def test_stepping_after_more_micro_batches_than_declared(net):
+    """Steps every 6 micro-batches with accumulation_steps=4 is GG104."""
+    g = accumulate(net, torch.optim.SGD(net.parameters(), lr=0.1), batches(12), every=6)
+    assert codes(g) == ["GG104"]
+    assert "step after 6 micro-batches, accumulation_steps=4" in g.findings[0].message
+
+
+def test_stepping_after_fewer_micro_batches_than_declared(net):
+    """Steps every 2 micro-batches with accumulation_steps=4 is GG104 at the second one."""
+    g = accumulate(net, torch.optim.SGD(net.parameters(), lr=0.1), batches(8), every=2)
+    assert codes(g) == ["GG104"]
+    assert g.findings[0].step == 2
+
+
+def test_model_zero_grad_inside_the_window_is_reported(net):
+    """A model.zero_grad() inside the window (the Accelerate-style bug) is GG104."""
+    g = accumulate(
+        net, torch.optim.SGD(net.parameters(), lr=0.1), batches(8), every=4, clear_inside=True
+    )
+    assert codes(g) == ["GG104"]
+    assert g.findings[0].params == ALL
+    assert "threw micro-batches away" in g.findings[0].message
+
+
+def test_declared_accumulation_with_final_partial_windows_is_silent(net):
+    """Windows of 4, 4, 2 per epoch, over two epochs, are silent."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="strict", accumulation_steps=4) as g:
+        for _epoch in range(2):
+            data = batches(10)
+            opt.zero_grad()
+            for i, b in enumerate(data):
+                (loss_of(net, b) / 4).backward()
+                if (i + 1) % 4 == 0 or i + 1 == len(data):
+                    opt.step()
+                    opt.zero_grad()
+    assert g.findings == []
+
+
+# -- GG105 discarded-gradients ---------------------------------------------------
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_before_every_micro_batch_discards(net, set_to_none):
+    """zero_grad at the top of every micro-step keeps only the last micro-batch: GG105."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="log") as g:
+        for i, b in enumerate(batches(16)):
+            opt.zero_grad(set_to_none=set_to_none)
+            (loss_of(net, b) / 4).backward()
+            if (i + 1) % 4 == 0:
+                opt.step()
+    assert codes(g) == ["GG105"]
+    assert g.findings[0].step == 3
+    assert g.findings[0].params == ALL
+
+
+def test_model_zero_grad_before_every_micro_batch_discards(net):
+    """The same bug through model.zero_grad() (set to None, seen only by the hooks)."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="log") as g:
+        for i, b in enumerate(batches(16)):
+            net.zero_grad()
+            (loss_of(net, b) / 4).backward()
+            if (i + 1) % 4 == 0:
+                opt.step()
+    assert codes(g) == ["GG105"]
+
+
+def test_one_discard_per_epoch_is_silent(net):
+    """A gradient-inspection backward thrown away once in a while is not GG105."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="strict") as g:
+        for i, b in enumerate(batches(12)):
+            if i % 5 == 0:
+                loss_of(net, b).backward()  # a saliency pass, cleared below
+            opt.zero_grad()
+            loss_of(net, b).backward()
+            opt.step()
+    assert g.findings == []
+
+
+# -- GG301 unused-parameter ------------------------------------------------------
+
+
+class TwoTowers(nn.Module):
+    """A model whose second tower is detached by mistake."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.Linear(4, 2)
+        self.right = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.left(x) + self.right(x).detach()
+
+
+def test_detached_tower_is_unused():
+    """Parameters behind a detach() never get gradients: GG301 after ``unused_after`` steps."""
+    torch.manual_seed(0)
+    model = TwoTowers()
+    opt = torch.optim.Adam(model.parameters())
+    with gradguard.guarding(opt, model=model, mode="log", unused_after=5) as g:
+        for x, y in batches(8):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    assert codes(g) == ["GG301"]
+    assert g.findings[0].params == ("right.weight", "right.bias")
+    assert g.findings[0].step == 5
+
+
+def test_stem_under_no_grad_is_unused(net):
+    """An encoder run under no_grad never trains: GG301 names it."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="log", unused_after=3) as g:
+        for x, y in batches(4):
+            opt.zero_grad()
+            with torch.no_grad():
+                h = net.encoder(x)
+            F.mse_loss(net.head(h), y).backward()
+            opt.step()
+    assert codes(g) == ["GG301"]
+    assert g.findings[0].params == ENCODER
+
+
+def test_unused_parameters_are_reported_at_close_if_the_run_is_short():
+    """A run shorter than ``unused_after`` still reports at close... only once it is due."""
+    torch.manual_seed(0)
+    model = TwoTowers()
+    opt = torch.optim.Adam(model.parameters())
+    with gradguard.guarding(opt, model=model, mode="log", unused_after=50) as g:
+        for x, y in batches(4):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    assert g.findings == []
+
+
+def test_branch_used_every_few_steps_is_not_unused(net):
+    """A branch used every third step within the window is silent."""
+    extra = nn.Linear(8, 2)
+    model = nn.ModuleDict({"net": net, "extra": extra})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=model, mode="strict", unused_after=5) as g:
+        for i, (x, y) in enumerate(batches(12)):
+            opt.zero_grad()
+            h = net.encoder(x)
+            out = net.head(h) + (extra(h) if i % 3 == 2 else 0)
+            F.mse_loss(out, y).backward()
+            opt.step()
+    assert g.findings == []
+
+
+class RoundRobinExperts(nn.Module):
+    """Four experts, one per step in turn: each is idle three steps out of four."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(4, 2) for _ in range(4))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.experts[self.calls % 4](x)
+
+
+def test_sparsely_used_experts_within_the_window_are_silent():
+    """Experts each used once every four steps are not unused with a window of 5."""
+    torch.manual_seed(0)
+    model = RoundRobinExperts()
+    opt = torch.optim.Adam(model.parameters())
+    with gradguard.guarding(opt, model=model, mode="strict", unused_after=5) as g:
+        for x, y in batches(12):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    assert g.findings == []
+
+
+# -- GG302 unoptimized-parameter -------------------------------------------------
+
+
+def test_layer_added_after_the_optimizer_was_built(net):
+    """A layer created after the optimizer trains nothing: GG302 names it."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.head = nn.Sequential(net.head, nn.Linear(2, 2))
+    with gradguard.guarding(opt, model=net, mode="log") as g:
+        train(net, opt, steps=3)
+    assert codes(g) == ["GG302"]
+    assert g.findings[0].params == ("head.1.weight", "head.1.bias")
+
+
+def test_forgotten_param_group(net):
+    """An optimizer built over the encoder alone leaves the head unoptimized."""
+    opt = torch.optim.SGD(net.encoder.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="log") as g:
+        train(net, opt, steps=3, zero=False)
+    assert "GG302" in codes(g)
+    gg302 = next(f for f in g.findings if f.code == "GG302")
+    assert gg302.params == HEAD
+
+
+def test_replaced_head_is_unoptimized_and_the_old_one_unused(net):
+    """Replacing the head after building the optimizer: new head GG302, old head GG301."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.head = nn.Linear(8, 2)
+    with gradguard.guarding(opt, model=net, mode="log", unused_after=3) as g:
+        train(net, opt, steps=4)
+    assert codes(g) == ["GG302", "GG301"]
+    assert g.findings[0].params == HEAD
+    assert g.findings[1].params == ("group0.param2[2x8]", "group0.param3[2]")
+
+
+def test_frozen_parameters_outside_the_optimizer_are_silent(net):
+    """Frozen layers left out of the optimizer are not unoptimized."""
+    for p in net.encoder.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(net.head.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="strict") as g:
+        train(net, opt, steps=3)
+    assert g.findings == []
+
+
+def test_parameters_held_by_an_unguarded_optimizer_are_silent(net):
+    """A second optimizer that gradguard does not watch still counts as optimizing."""
+    opt = torch.optim.SGD(net.encoder.parameters(), lr=0.1)
+    other = torch.optim.SGD(net.head.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="strict") as g:
+        for b in batches(3):
+            net.zero_grad()
+            loss_of(net, b).backward()
+            opt.step()
+            other.step()
+    assert g.findings == []
+
+
+# -- GG303 eval-mode-step --------------------------------------------------------
+
+
+def test_training_resumed_in_eval_mode(net):
+    """Validation left the model in eval mode and training went on: GG303."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="log") as g:
+        train(net, opt, steps=2)
+        net.eval()
+        with torch.no_grad():
+            loss_of(net, batches(1)[0])
+        train(net, opt, steps=2)  # forgot net.train()
+    assert codes(g) == ["GG303"]
+    assert g.findings[0].step == 3
+    assert g.findings[0].params == ALL
+
+
+def test_validation_then_train_is_silent(net):
+    """eval() for validation and train() before training again is correct."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="strict") as g:
+        train(net, opt, steps=2)
+        net.eval()
+        with torch.no_grad():
+            loss_of(net, batches(1)[0])
+        net.train()
+        train(net, opt, steps=2)
+    assert g.findings == []
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def test_frozen_backbone_kept_in_eval_is_silent():
+    """A frozen backbone kept in eval for its BatchNorm, the head training: silent."""
+    torch.manual_seed(0)
+    model = BNNet()
+    model.backbone.requires_grad_(False)
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=model, mode="strict") as g:
+        model.train()
+        model.backbone.eval()
+        train(model, opt, steps=3)
+    assert g.findings == []
+
+
+def test_batchnorm_layers_alone_in_eval_are_silent():
+    """BatchNorm layers in eval to freeze their statistics, the rest training: silent."""
+    torch.manual_seed(0)
+    model = BNNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=model, mode="strict") as g:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.eval()
+        train(model, opt, steps=3)
+    assert g.findings == []
+
+
+def test_bad_options_are_rejected_at_the_call(net):
+    """Out-of-range options are ValueErrors, wrong types TypeErrors, naming the option."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="accumulation_steps must be a positive int; got 0"):
+        gradguard.guard(opt, accumulation_steps=0)
+    with pytest.raises(TypeError, match="accumulation_steps must be a positive int or None"):
+        gradguard.guard(opt, accumulation_steps="4")
+    with pytest.raises(ValueError, match="explode_factor must be a finite number above 1"):
+        gradguard.guard(opt, explode_factor=0.5)
+    with pytest.raises(TypeError, match="check_numerics must be True or False"):
+        gradguard.guard(opt, check_numerics="yes")
+    assert gradguard.guard_of(opt) is None
