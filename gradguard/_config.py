@@ -17,6 +17,7 @@ class Options:
     ignore: frozenset[str] = frozenset()
     accumulation_steps: int | None = None
     check_numerics: bool = True
+    numerics_every: int | None = None
     explode_factor: float = 10.0
     max_grad_norm: float | None = None
     unused_after: int = 20
@@ -28,6 +29,7 @@ def make_options(
     ignore: Iterable[str] | str | None = None,
     accumulation_steps: object = None,
     check_numerics: object = True,
+    numerics_every: object = None,
     explode_factor: object = 10.0,
     max_grad_norm: object = None,
     unused_after: object = 20,
@@ -38,6 +40,7 @@ def make_options(
         ignore=validate_codes(ignore),
         accumulation_steps=_positive_int("accumulation_steps", accumulation_steps, optional=True),
         check_numerics=_bool("check_numerics", check_numerics),
+        numerics_every=_positive_int("numerics_every", numerics_every, optional=True),
         explode_factor=_positive_float("explode_factor", explode_factor, above=1.0) or 10.0,
         max_grad_norm=_positive_float("max_grad_norm", max_grad_norm, optional=True),
         unused_after=_positive_int("unused_after", unused_after) or 20,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import sys
 import threading
 import weakref
@@ -21,7 +22,14 @@ from gradguard._config import Options, make_options
 from gradguard._dispatch import Reporter, SummaryRow, emit_info
 from gradguard._exceptions import GradGuardError
 from gradguard._findings import Finding, make_finding
-from gradguard._health import NormHistory, Readback, grad_norms, largest_shares, zero_flags
+from gradguard._health import (
+    Cadence,
+    NormHistory,
+    Readback,
+    grad_norms,
+    largest_shares,
+    zero_flags,
+)
 from gradguard._models import ModelWatch
 from gradguard._naming import Location, ParamNamer, fallback_names, user_location
 from gradguard._tracker import REGISTRY, STEPS, Slot
@@ -39,23 +47,23 @@ _LOCK = threading.Lock()
 _UNOPTIMIZED_EVERY = 25
 
 
+Resolver = Callable[[list[float], list["torch.Tensor | None"]], None]
+
+
 class _Pending:
-    """A device-side result not read back yet, and what to do with its values."""
+    """A device-side result not read back yet, the parameters it is about, and its use."""
 
-    __slots__ = ("readback", "resolve")
+    __slots__ = ("params", "readback", "resolve")
 
-    def __init__(self, readback: Readback, resolve: Callable[[list[float]], None]) -> None:
+    def __init__(self, readback: Readback, params: Refs, resolve: Resolver) -> None:
         self.readback = readback
+        # Parameters, not gradients: naming them later must not keep grads alive.
+        self.params = params
         self.resolve = resolve
 
 
 def _refs(params: list[torch.Tensor]) -> Refs:
-    # Parameters, not gradients: naming them later must not keep grads alive.
     return [weakref.ref(p) for p in params]
-
-
-def _alive(refs: Refs) -> list[torch.Tensor]:
-    return [p for p in (r() for r in refs) if p is not None]
 
 
 class Guard:
@@ -82,10 +90,15 @@ class Guard:
         self._models = ModelWatch(models)
         self._windows = Windows(options.accumulation_steps)
         self._norms = NormHistory(options.explode_factor, options.max_grad_norm)
+        self._cadence = Cadence(options.numerics_every)
         self._opt_ref = weakref.ref(optimizer, self._optimizer_collected)
         self._slots: dict[int, Slot] = {}
+        self._shape: list[tuple[int, int]] = []
+        self._cache: Entries = []
+        self._unhooked: Entries = []
+        self._never_used: Entries = []
         self._unused: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
-        self._seen: dict[tuple[str, Location, tuple[int, ...]], Finding] = {}
+        self._named: dict[tuple[int, ...], tuple[str, ...]] = {}  # naming is not free
         self._pending: list[_Pending] = []
         self._current: Entries | None = None
         self._zero_applied: set[int] = set()  # params this step applies as all-zero
@@ -218,9 +231,15 @@ class Guard:
     def _judge_models(self, entries: Entries, verdict: StepVerdict, location: Location) -> None:
         """GG301-GG303: is every parameter really trained, by a model in train mode."""
         self._report("GG303", self._models.in_eval(verdict.fresh), location, self._step)
-        for param, slot in entries:
-            if not slot.used and param.requires_grad and id(param) not in self._unused:
-                self._unused[id(param)] = (weakref.ref(param), self._step)
+        if self._never_used:
+            still = []
+            for param, slot in self._never_used:
+                if slot.used:
+                    continue
+                still.append((param, slot))
+                if param.requires_grad and id(param) not in self._unused:
+                    self._unused[id(param)] = (weakref.ref(param), self._step)
+            self._never_used = still
         if self._unused:
             self._report_unused(final=False, location=location)
         if self._step % _UNOPTIMIZED_EVERY == 2 % _UNOPTIMIZED_EVERY:
@@ -248,24 +267,27 @@ class Guard:
         self, opt: torch.optim.Optimizer, params: list[torch.Tensor], location: Location
     ) -> None:
         """GG201/GG202 from one batched norm per step, read back without a sync."""
+        if not self._cadence.due():
+            return
         # A fused optimizer under a GradScaler steps on still-scaled gradients;
         # the scaler leaves its scale and found-inf flag on the optimizer.
         scale = getattr(opt, "grad_scale", None)
         skipped = getattr(opt, "found_inf", None)
-        readback = grad_norms([p.grad for p in params], scale, skipped)  # type: ignore[misc]
+        with self._cadence.timed():
+            readback = grad_norms([p.grad for p in params], scale, skipped)  # type: ignore[misc]
         if readback is None:
             return
-        refs, step = _refs(params), self._step
+        step = self._step
 
-        def resolve(values: list[float]) -> None:
+        def resolve(values: list[float], params: list[torch.Tensor | None]) -> None:
             *norms, skip = values
-            self._numerics(_alive(refs), norms, skip != 0, step, location)
+            self._numerics(params, norms, skip != 0, step, location)
 
-        self._defer(readback, resolve)
+        self._defer(readback, params, resolve)
 
     def _numerics(
         self,
-        params: list[torch.Tensor],
+        params: list[torch.Tensor | None],
         norms: list[float],
         skipped: bool,
         step: int,
@@ -274,15 +296,12 @@ class Guard:
         if skipped:
             emit_info("skipped-step", step=step, optimizer=self.optimizer, location=str(location))
             return
-        if len(params) != len(norms):
-            return  # a parameter was freed meanwhile: nothing reliable to say
-        bad = [p for p, n in zip(params, norms, strict=True) if n != n or n in (_INF, -_INF)]
-        self._report("GG201", bad, location, step)
-        total = sum(n * n for n in norms) ** 0.5
-        why = self._norms.judge(total)
+        bad = [p for p, n in zip(params, norms, strict=True) if not math.isfinite(n)]
+        self._report("GG201", [p for p in bad if p is not None], location, step)
+        why = self._norms.judge(math.sqrt(sum(n * n for n in norms)))
         if why is not None:
             top = [params[i] for i in largest_shares(norms)]
-            self._report("GG202", top, location, step, why)
+            self._report("GG202", [p for p in top if p is not None], location, step, why)
 
     def _defer_zero(
         self,
@@ -301,10 +320,9 @@ class Guard:
         del grads  # never hold gradients past this call
         if readback is None:
             return
-        refs, step = _refs(params), self._step
+        step = self._step
 
-        def resolve(values: list[float]) -> None:
-            alive = [r() for r in refs]
+        def resolve(values: list[float], alive: list[torch.Tensor | None]) -> None:
             flags = values if each else values * len(alive)
             zero = [p for p, z in zip(alive, flags, strict=True) if z and p is not None]
             nonzero = [p for p, z in zip(alive, flags, strict=True) if not z and p is not None]
@@ -319,20 +337,21 @@ class Guard:
                 if code is not None and group:
                     self._report(code, group, location, step)
 
-        self._defer(readback, resolve)
+        self._defer(readback, params, resolve)
 
-    def _defer(self, readback: Readback, resolve: Callable[[list[float]], None]) -> None:
-        pending = _Pending(readback, resolve)
+    def _defer(self, readback: Readback, params: list[torch.Tensor], resolve: Resolver) -> None:
+        """Resolve now when the values are readable (CPU) or must be (strict), else later."""
         if self.options.mode == "strict" or readback.ready():
-            resolve(readback.values())
+            resolve(readback.values(), list(params))
         else:
-            self._pending.append(pending)
+            self._pending.append(_Pending(readback, _refs(params), resolve))
 
     def _drain(self, wait: bool) -> None:
         keep = []
         for pending in self._pending:
             if wait or pending.readback.ready():
-                pending.resolve(pending.readback.values())
+                alive = [r() for r in pending.params]
+                pending.resolve(pending.readback.values(), alive)
             else:
                 keep.append(pending)
         self._pending = keep
@@ -349,18 +368,18 @@ class Guard:
             params = self._trainable()  # none of them got a gradient
         if not params:
             return
-        key = (code, location, tuple(id(p) for p in params))
-        finding = self._seen.get(key)
-        if finding is None:
-            finding = make_finding(
-                code,
-                step=step,
-                optimizer=self.optimizer,
-                params=self._names(params),
-                location=str(location),
-                detail=detail,
-            )
-            self._seen[key] = finding
+        ids = tuple(id(p) for p in params)
+        names = self._named.get(ids)
+        if names is None:
+            names = self._named[ids] = self._names(params)
+        finding = make_finding(
+            code,
+            step=step,
+            optimizer=self.optimizer,
+            params=names,
+            location=str(location),
+            detail=detail,
+        )
         self._reporter.report(finding, location.filename, location.lineno)
 
     def _trainable(self) -> list[torch.Tensor]:
@@ -376,7 +395,26 @@ class Guard:
     # -- tracking ------------------------------------------------------------
 
     def _entries(self, opt: torch.optim.Optimizer) -> Entries:
-        """Pair each of the optimizer's parameters with its slot, tracking new ones."""
+        """Pair each of the optimizer's parameters with its slot, tracking new ones.
+
+        Cached while the param groups keep their lists and lengths
+        (``add_param_group`` or appending to a group rebuilds it); per step only
+        the parameters without a hook yet are looked at, to hook the unfrozen.
+        """
+        shape = [(id(g["params"]), len(g["params"])) for g in opt.param_groups]
+        if shape != self._shape:
+            self._shape = shape
+            self._cache = self._build_entries(opt)
+            self._unhooked = [(p, s) for p, s in self._cache if s.handle is None]
+            self._never_used = [(p, s) for p, s in self._cache if not s.used]
+        elif self._unhooked:
+            for param, slot in self._unhooked:
+                if param.requires_grad:
+                    slot.hook(param)  # unfrozen since we last looked
+            self._unhooked = [(p, s) for p, s in self._unhooked if s.handle is None]
+        return self._cache
+
+    def _build_entries(self, opt: torch.optim.Optimizer) -> Entries:
         out: Entries = []
         slots = self._slots
         for group in opt.param_groups:
@@ -388,7 +426,7 @@ class Guard:
                         REGISTRY.release(slot)
                     slot = slots[id(param)] = REGISTRY.acquire(param, self._hook_failed)
                 elif slot.handle is None and param.requires_grad:
-                    slot.hook(param)  # unfrozen since we last looked
+                    slot.hook(param)
                 out.append((param, slot))
         return out
 
@@ -441,6 +479,7 @@ class Guard:
         for slot in self._slots.values():
             REGISTRY.release(slot)
         self._slots.clear()
+        self._cache, self._unhooked, self._never_used, self._shape = [], [], [], []
         self._pending.clear()
         self._unused.clear()
         self._current = None
@@ -459,9 +498,6 @@ class Guard:
         self._pending.clear()
         self._detach()
         self._reporter.internal_error(exc, where)
-
-
-_INF = float("inf")
 
 
 def _models(model: nn.Module | Iterable[nn.Module] | None) -> list[nn.Module]:
@@ -528,6 +564,7 @@ def guard(
     ignore: Iterable[str] | None = None,
     accumulation_steps: int | None = None,
     check_numerics: bool = True,
+    numerics_every: int | None = None,
     explode_factor: float = 10.0,
     max_grad_norm: float | None = None,
     unused_after: int = 20,
@@ -546,6 +583,9 @@ def guard(
             purpose; enables GG104 instead of GG105.
         check_numerics: run the non-finite (GG201) and exploding (GG202)
             checks, one batched norm per step on the device.
+        numerics_every: run them every this many steps; by default every
+            step, unless that would cost over 1% of the time between steps
+            (hundreds of small tensors on a CPU), then as often as fits.
         explode_factor: GG202 fires when the total gradient norm reaches this
             multiple of its running median.
         max_grad_norm: GG202 also fires above this absolute total norm.
@@ -564,6 +604,7 @@ def guard(
         ignore=ignore,
         accumulation_steps=accumulation_steps,
         check_numerics=check_numerics,
+        numerics_every=numerics_every,
         explode_factor=explode_factor,
         max_grad_norm=max_grad_norm,
         unused_after=unused_after,
@@ -580,6 +621,7 @@ def guarding(
     ignore: Iterable[str] | None = None,
     accumulation_steps: int | None = None,
     check_numerics: bool = True,
+    numerics_every: int | None = None,
     explode_factor: float = 10.0,
     max_grad_norm: float | None = None,
     unused_after: int = 20,
@@ -599,6 +641,7 @@ def guarding(
         ignore=ignore,
         accumulation_steps=accumulation_steps,
         check_numerics=check_numerics,
+        numerics_every=numerics_every,
         explode_factor=explode_factor,
         max_grad_norm=max_grad_norm,
         unused_after=unused_after,

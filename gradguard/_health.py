@@ -10,8 +10,11 @@ it costs nothing either.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import statistics
+import time
+from collections.abc import Iterator
 
 import torch
 
@@ -49,6 +52,15 @@ def _one_device(grads: list[torch.Tensor]) -> bool:
     return bool(grads) and len({g.device for g in grads}) == 1
 
 
+def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's 2-norm as one float32 vector, in one batched op."""
+    if all(g.dtype == torch.float32 for g in grads):
+        # Asking for a dtype takes a slower per-tensor path on the CPU.
+        return torch.stack(torch._foreach_norm(grads))
+    # Low precision: accumulate in float32 so a large finite norm stays finite.
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+
+
 def zero_flags(grads: list[torch.Tensor], *, each: bool) -> Readback | None:
     """Queue "exactly zero" for ``grads`` as one batched reduction.
 
@@ -59,7 +71,7 @@ def zero_flags(grads: list[torch.Tensor], *, each: bool) -> Readback | None:
     if not _one_device(grads):
         return None
     with torch.no_grad():
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        norms = _norms(grads)
         return Readback(norms.eq(0) if each else norms.amax().eq(0))
 
 
@@ -75,7 +87,7 @@ def grad_norms(
     if not _one_device(grads):
         return None
     with torch.no_grad():
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        norms = _norms(grads)
         if scale is not None:
             norms = norms / scale.to(device=norms.device, dtype=torch.float32)
         flag = (
@@ -127,3 +139,53 @@ def largest_shares(norms: list[float], limit: int = 5) -> list[int]:
         if acc >= total / 2:
             break
     return picked
+
+
+class Cadence:
+    """How often the numeric checks run: every ``every`` steps, or within a time budget.
+
+    With ``every=None`` the checks run every step unless queuing them costs
+    both more than ``floor`` seconds and more than ``budget`` of the time
+    between steps; then every k-th step, the smallest k that keeps them
+    inside the budget. On a GPU the ops are queued
+    asynchronously and cost microseconds, so this is every step; on a CPU with
+    hundreds of small gradient tensors the norm pass itself costs time.
+    """
+
+    def __init__(self, every: int | None, budget: float = 0.02, floor: float = 1e-4) -> None:
+        self.every = every
+        self.budget = budget
+        self.floor = floor
+        self._count = 0
+        self._timed = 0
+        self._cost = 0.0  # seconds per check, smoothed
+        self._last = 0.0  # time.perf_counter() at the previous due() call
+        self._interval = 0.0  # seconds between steps, smoothed
+
+    def due(self) -> bool:
+        """Count one step; whether the checks run on it."""
+        now = time.perf_counter()
+        if self._last:
+            gap = now - self._last
+            self._interval = gap if not self._interval else 0.9 * self._interval + 0.1 * gap
+        self._last = now
+        self._count += 1
+        return (self._count - 1) % self._period() == 0
+
+    def _period(self) -> int:
+        if self.every is not None:
+            return self.every
+        if not self._interval or self._cost <= self.floor:
+            return 1
+        return max(1, math.ceil(self._cost / (self.budget * self._interval)))
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """Measure one check's cost on the host."""
+        start = time.perf_counter()
+        yield
+        cost = time.perf_counter() - start
+        self._timed += 1
+        if self._timed == 1:
+            return  # the first call pays one-off warm-up costs
+        self._cost = cost if not self._cost else 0.8 * self._cost + 0.2 * cost

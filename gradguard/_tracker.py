@@ -127,27 +127,27 @@ class Slot:
         """Post-accumulate hook: backward just wrote into ``param.grad``."""
         try:
             grad = param.grad
+            if grad is None:  # a hook of someone else's cleared it
+                self.ref = None
+                return
+            version = grad._version
             ref = self.ref
-            if (
-                ref is not None
-                and grad is not None
-                and ref() is grad
-                and grad._version == self.version + 1
-            ):
+            if ref is not None and version == self.version + 1 and ref() is grad:
                 # Accumulated onto the gradient we saw last: a step that
                 # applied it without a clear in between makes it stale.
-                self.stale = self.stale or self.applied
+                if self.applied:
+                    self.stale = True
                 self.fresh += 1
             else:
                 # A new object, or one changed in place since we saw it
                 # (cleared, rescaled): its history ends here.
-                if self.fresh and not self.stale and grad is not None and grad.grad_fn is None:
+                if self.fresh and not self.stale and grad.grad_fn is None:
                     self._discard(param)  # create_graph replaces .grad keeping its content
-                self.ref = None if grad is None else weakref.ref(grad)
+                self.ref = weakref.ref(grad)
                 self.stale = False
                 self.fresh = 1
             self.used = True
-            self.version = -1 if grad is None else grad._version
+            self.version = version
             self.applied = False
             self.discarded = 0
         except Exception as exc:  # never break a user's backward
@@ -178,17 +178,23 @@ class Slot:
     def on_applied(self, param: torch.Tensor) -> None:
         """A step just consumed ``param.grad``."""
         grad = param.grad
-        # Only backward output (fresh, re-applied, or assigned by hand where we
-        # could not see it made) counts; zeros left by a clear are no content.
-        self.applied = grad is not None and (
-            self.fresh > 0 or self.applied or self.ref is None or self.ref() is not grad
-        )
+        if grad is None:
+            self.applied = False
+            self.ref = None
+        else:
+            ref = self.ref
+            same = ref is not None and ref() is grad
+            # Only backward output (fresh, re-applied, or assigned by hand where
+            # we could not see it made) counts; zeros left by a clear are no content.
+            self.applied = self.fresh > 0 or self.applied or not same
+            if not same:
+                self.ref = weakref.ref(grad)
+            self.version = grad._version
         self.fresh = 0
         self.stale = False
         self.discarded = 0
         self.lost = 0
         self.param_version = param._version
-        self.see(grad)
 
     def see(self, grad: torch.Tensor | None) -> None:
         """Remember ``grad`` as the object currently in ``.grad``."""

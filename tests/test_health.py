@@ -10,6 +10,7 @@ from conftest import ALL, ENCODER, HEAD, batches, codes, loss_of
 from torch import nn
 
 import gradguard
+import gradguard.testing
 
 
 def train(net, opt, *, steps=6, hook=None, zero=True):
@@ -478,3 +479,25 @@ def test_bad_options_are_rejected_at_the_call(net):
     with pytest.raises(TypeError, match="check_numerics must be True or False"):
         gradguard.guard(opt, check_numerics="yes")
     assert gradguard.guard_of(opt) is None
+
+
+def test_numerics_every_sets_the_cadence(net):
+    """``numerics_every=3`` judges norms on steps 1, 4, 7, ... only."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with (
+        gradguard.guarding(opt, model=net, mode="log", max_grad_norm=1e-6, numerics_every=3) as g,
+        gradguard.testing.record(g) as seen,
+    ):
+        train(net, opt, steps=7)
+    assert [f.step for f in seen] == [1, 4, 7]
+
+
+def test_numerics_run_every_step_on_a_small_model(net):
+    """By default a cheap norm pass runs on every step."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with (
+        gradguard.guarding(opt, model=net, mode="log", max_grad_norm=1e-6) as g,
+        gradguard.testing.record(g) as seen,
+    ):
+        train(net, opt, steps=6)
+    assert [f.step for f in seen] == [1, 2, 3, 4, 5, 6]
