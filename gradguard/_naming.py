@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from types import FrameType
@@ -119,7 +120,11 @@ def find_owner_modules(params: Iterable[torch.Tensor]) -> list[nn.Module]:
     finding needs names.
     """
     wanted = {id(p) for p in params}
-    modules = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
+    with warnings.catch_warnings():
+        # isinstance() reads __class__, which on some live objects (torch's
+        # deprecated module aliases) emits a warning about the user's own code.
+        warnings.simplefilter("ignore")
+        modules = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
     children = {id(c) for m in modules for c in m.children()}
     scored = [(_coverage(m, wanted), m) for m in modules if id(m) not in children]
     # Prefer the root that covers most of the parameters, then the smaller one.
