@@ -22,6 +22,7 @@ from gradguard._exceptions import GradGuardError
 from gradguard._findings import Finding, make_finding
 from gradguard._health import DeviceFlag, all_zero
 from gradguard._naming import Location, ParamNamer, fallback_names, user_location
+from gradguard._session import session_defaults
 from gradguard._tracker import REGISTRY, Slot
 
 OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
@@ -401,14 +402,19 @@ def attach(
     optimizer: object,
     *,
     model: nn.Module | Iterable[nn.Module] | None = None,
-    mode: str = "warn",
+    mode: str | None = None,
     ignore: Iterable[str] | None = None,
     judge_first_step: bool = True,
 ) -> Guard:
-    """Validate the arguments and return the optimizer's guard, creating it if needed."""
+    """Validate the arguments and return the optimizer's guard, creating it if needed.
+
+    ``mode`` and ``ignore`` left as ``None`` come from the active `install`
+    session (the runner, the pytest plugin), else ``"warn"`` and nothing.
+    """
     opt = _check_optimizer(optimizer)
-    checked_mode = validate_mode(mode)
-    codes = validate_codes(ignore)
+    default_mode, default_ignore = session_defaults()
+    checked_mode = validate_mode(default_mode if mode is None else mode)
+    codes = default_ignore if ignore is None else validate_codes(ignore)
     models = _models(model)
     with _LOCK:
         existing = _GUARDS.get(opt)
@@ -425,7 +431,7 @@ def guard(
     optimizer: OptimizerT,
     *,
     model: nn.Module | Iterable[nn.Module] | None = None,
-    mode: str = "warn",
+    mode: str | None = None,
     ignore: Iterable[str] | None = None,
 ) -> OptimizerT:
     """Watch ``optimizer`` for gradient-handling bugs and return it unchanged.
@@ -437,7 +443,10 @@ def guard(
             when omitted.
         mode: ``"warn"`` (a `GradGuardWarning` plus a log event), ``"strict"``
             (raise a `GradGuardError` at the step) or ``"log"`` (log event only).
-        ignore: finding codes to silence, e.g. ``["GG103"]``.
+            Omitted, it is the mode of ``gradguard run``, `gradguard.install`
+            or the pytest plugin when one is active, else ``"warn"``.
+        ignore: finding codes to silence, e.g. ``["GG103"]``; omitted, the
+            active session's.
 
     Raises:
         TypeError: ``optimizer`` is not an optimizer (a model, ``None``, ...).
@@ -452,7 +461,7 @@ def guarding(
     optimizer: torch.optim.Optimizer,
     *,
     model: nn.Module | Iterable[nn.Module] | None = None,
-    mode: str = "warn",
+    mode: str | None = None,
     ignore: Iterable[str] | None = None,
 ) -> Iterator[Guard]:
     """Guard ``optimizer`` inside a ``with`` block; every hook is removed on exit, even on error.
