@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import types
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -241,6 +243,43 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, Any, None]:
     except Exception as exc:  # a strict finding read back at close
         if outcome.excinfo is None and hasattr(outcome, "force_exception"):
             outcome.force_exception(exc)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    excinfo = call.excinfo
+    if (
+        excinfo is not None
+        and "gradguard" in sys.modules
+        and not item.config.getoption("fulltrace", False)
+    ):
+        _end_at_the_step(excinfo)
+    yield
+
+
+def _end_at_the_step(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+    """End a strict finding's traceback at the test's own ``optimizer.step()`` line.
+
+    The frames after it, inside torch's step wrapper and gradguard's hooks, say
+    nothing about the test. pytest rebuilds tracebacks from the raw ``tb_next``
+    chain, so the chain itself is cut.
+    """
+    from gradguard._exceptions import GradGuardError
+    from gradguard._naming import _is_internal
+
+    if not isinstance(excinfo.value, GradGuardError) or excinfo.value.finding is None:
+        return
+    last_user = None
+    tb: types.TracebackType | None = excinfo.tb
+    while tb is not None:
+        if not _is_internal(tb.tb_frame.f_code.co_filename):
+            last_user = tb
+        tb = tb.tb_next
+    if last_user is not None and last_user.tb_next is not None:
+        last_user.tb_next = None
+        excinfo.traceback = type(excinfo.traceback)(excinfo.tb)
 
 
 class FindingsRecorder:

@@ -79,8 +79,10 @@ def test_recorded_again_same_loop(gradguard_findings):
             "*::test_buggy FAILED*",
             "*::test_correct PASSED*",
             "*ClearedBeforeStepError: GG102 cleared-before-step: *",
+            "*.py:*: ClearedBeforeStepError",
         ]
     )
+    result.stdout.no_fnmatch_line("*gradguard/_dispatch.py*")
 
 
 def test_buggy_test_passes_with_the_plugin_off(pytester: pytest.Pytester) -> None:
