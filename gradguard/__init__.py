@@ -33,6 +33,7 @@ from gradguard._exceptions import (
 )
 from gradguard._findings import CATALOGUE, Finding
 from gradguard._guard import Guard, guard, guard_of, guarding, unguard
+from gradguard._session import install, uninstall
 
 __all__ = [
     "CATALOGUE",
@@ -65,7 +66,9 @@ __all__ = [
     "guard",
     "guard_of",
     "guarding",
+    "install",
     "unguard",
+    "uninstall",
 ]
 
 __version__ = "0.1.0"

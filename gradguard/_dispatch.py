@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import threading
 import traceback
@@ -20,6 +21,50 @@ MODES: tuple[Mode, ...] = ("warn", "strict", "log")
 
 _logger = structlog.get_logger("gradguard")
 _fallback: Any = None
+
+Sink = Callable[[Finding, bool], None]
+"""Receives ``(finding, first)`` for every finding any guard reports; ``first`` is
+false when the finding repeats one already emitted."""
+
+_SINKS: dict[int, Sink] = {}
+_SINK_IDS = itertools.count()
+
+
+class SinkHandle:
+    """Removes a sink added with `add_sink`; ``remove()`` is idempotent."""
+
+    def __init__(self, key: int) -> None:
+        self._key = key
+
+    def remove(self) -> None:
+        """Stop sending findings to the sink."""
+        _SINKS.pop(self._key, None)
+
+
+def add_sink(sink: Sink) -> SinkHandle:
+    """Send every finding any guard reports, from now on, to ``sink(finding, first)``.
+
+    Sinks run before the finding is logged, warned or raised, so a strict-mode
+    finding still reaches them. A sink that raises is removed and logged once;
+    it never breaks the training step.
+    """
+    key = next(_SINK_IDS)
+    _SINKS[key] = sink
+    return SinkHandle(key)
+
+
+def _notify(finding: Finding, first: bool) -> None:
+    for key, sink in list(_SINKS.items()):
+        try:
+            sink(finding, first)
+        except Exception as exc:
+            _SINKS.pop(key, None)
+            _log().error(
+                "sink-error",
+                sink=repr(sink),
+                error=f"{type(exc).__name__}: {exc}",
+                note="gradguard removed this sink; training continues unchanged",
+            )
 
 
 def validate_mode(mode: object, source: str = "mode") -> Mode:
@@ -92,9 +137,13 @@ class Reporter:
             first = self._by_key.get(key)
             if first is not None:
                 self.counts[first] += 1
-                return
-            self._by_key[key] = finding
-            self.counts[finding] = 1
+            else:
+                self._by_key[key] = finding
+                self.counts[finding] = 1
+        if first is not None:
+            _notify(first, False)
+            return
+        _notify(finding, True)
         self._emit(finding, filename, lineno)
 
     def _emit(self, finding: Finding, filename: str, lineno: int) -> None:

@@ -32,6 +32,7 @@ from gradguard._health import (
 )
 from gradguard._models import ModelWatch
 from gradguard._naming import Location, ParamNamer, fallback_names, user_location
+from gradguard._session import session_defaults
 from gradguard._tracker import REGISTRY, STEPS, Slot
 
 OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
@@ -540,12 +541,23 @@ def attach(
     optimizer: object,
     *,
     model: nn.Module | Iterable[nn.Module] | None = None,
+    mode: str | None = None,
+    ignore: Iterable[str] | None = None,
     judge_first_step: bool = True,
     **options: Any,
 ) -> Guard:
-    """Validate the arguments and return the optimizer's guard, creating it if needed."""
+    """Validate the arguments and return the optimizer's guard, creating it if needed.
+
+    ``mode`` and ``ignore`` left as ``None`` come from the active `install`
+    session (the runner, the pytest plugin), else ``"warn"`` and nothing.
+    """
     opt = _check_optimizer(optimizer)
-    checked = make_options(**options)
+    default_mode, default_ignore = session_defaults()
+    checked = make_options(
+        mode=default_mode if mode is None else mode,
+        ignore=default_ignore if ignore is None else ignore,
+        **options,
+    )
     models = _models(model)
     with _LOCK:
         existing = _GUARDS.get(opt)
@@ -560,7 +572,7 @@ def guard(
     optimizer: OptimizerT,
     *,
     model: nn.Module | Iterable[nn.Module] | None = None,
-    mode: str = "warn",
+    mode: str | None = None,
     ignore: Iterable[str] | None = None,
     accumulation_steps: int | None = None,
     check_numerics: bool = True,
@@ -578,13 +590,16 @@ def guard(
             automatically when omitted.
         mode: ``"warn"`` (a `GradGuardWarning` plus a log event), ``"strict"``
             (raise a `GradGuardError` at the step) or ``"log"`` (log event only).
-        ignore: finding codes to silence, e.g. ``["GG103"]``.
+            Omitted, it is the mode of ``gradguard run``, `gradguard.install`
+            or the pytest plugin when one is active, else ``"warn"``.
+        ignore: finding codes to silence, e.g. ``["GG103"]``; omitted, the
+            active session's.
         accumulation_steps: micro-batches per step, if you accumulate on
             purpose; enables GG104 instead of GG105.
         check_numerics: run the non-finite (GG201) and exploding (GG202)
             checks, one batched norm per step on the device.
         numerics_every: run them every this many steps; by default every
-            step, unless that would cost over 1% of the time between steps
+            step, unless that would cost over 2% of the time between steps
             (hundreds of small tensors on a CPU), then as often as fits.
         explode_factor: GG202 fires when the total gradient norm reaches this
             multiple of its running median.
@@ -617,7 +632,7 @@ def guarding(
     optimizer: torch.optim.Optimizer,
     *,
     model: nn.Module | Iterable[nn.Module] | None = None,
-    mode: str = "warn",
+    mode: str | None = None,
     ignore: Iterable[str] | None = None,
     accumulation_steps: int | None = None,
     check_numerics: bool = True,

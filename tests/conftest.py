@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -13,6 +15,10 @@ from torch import nn
 
 import gradguard
 from gradguard._tracker import REGISTRY
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Net(nn.Module):
@@ -64,3 +70,13 @@ def _no_leftover_guards() -> Iterator[None]:
 def codes(g: gradguard.Guard) -> list[str]:
     """The distinct finding codes a guard reported, in order."""
     return [f.code for f in g.findings]
+
+
+@pytest.fixture
+def subprocess_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Make child processes import gradguard from this checkout, with no GRADGUARD set."""
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + path if path else ""))
+    monkeypatch.delenv("GRADGUARD", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    return dict(os.environ)

@@ -1,0 +1,124 @@
+"""The JSON-lines file: one object per finding, for log shippers and CI artefacts.
+
+Every record holds ``code``, ``event``, ``level``, ``step``, ``optimizer``,
+``params``, ``location``, ``hint``, ``message`` and ``timestamp``, plus
+``rank`` and ``world_size`` when ``torch.distributed`` is initialised.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import threading
+from typing import IO, Any
+
+import torch
+
+from gradguard._findings import Finding
+
+RANK_PLACEHOLDER = "{rank}"
+
+
+def _distributed() -> tuple[int, int] | None:
+    """``(rank, world_size)`` when torch.distributed is initialised, else ``None``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _start_rank() -> int:
+    """This process's rank when logging starts, usually before the process group exists.
+
+    torchrun exports ``RANK`` before the script runs, so it names the file
+    long before ``init_process_group`` is called.
+    """
+    dist = _distributed()
+    if dist is not None:
+        return dist[0]
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def resolve_path(path: object, source: str = "log_json") -> str:
+    """Return ``path`` with ``{rank}`` filled in, checking it can be written.
+
+    Raises:
+        TypeError: ``path`` is not a str or path-like.
+        ValueError: its directory does not exist, or it names a directory.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{source} must be a file path (str or os.PathLike); got {path!r}")
+    raw = os.fspath(path)
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(f"{source} must be a non-empty file path; got {path!r}")
+    resolved = raw.replace(RANK_PLACEHOLDER, str(_start_rank()))
+    directory = os.path.dirname(resolved) or "."
+    if not os.path.isdir(directory):
+        raise ValueError(
+            f"{source}={raw!r}: directory {directory!r} does not exist; create it first"
+        )
+    if os.path.isdir(resolved):
+        raise ValueError(f"{source}={raw!r} is a directory; give a file path such as out.jsonl")
+    return resolved
+
+
+class JsonLog:
+    """A sink that appends one JSON object per new finding to a file.
+
+    The file is created (or emptied) when the log is opened, so its presence
+    shows that gradguard ran even when nothing was found. Each record is one
+    append, so several processes sharing a path interleave whole lines.
+    """
+
+    def __init__(self, path: object, source: str = "log_json") -> None:
+        self.path = resolve_path(path, source)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        self._file: IO[str] | None = os.fdopen(fd, "w", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def __call__(self, finding: Finding, first: bool) -> None:
+        """Write ``finding`` if it is new; repeats are counted in the summary only."""
+        if first:
+            self.write(finding)
+
+    def write(self, finding: Finding) -> None:
+        """Append ``finding`` as one line."""
+        line = json.dumps(record(finding), ensure_ascii=False) + "\n"
+        with self._lock:
+            if self._file is None:
+                return
+            self._file.write(line)
+            self._file.flush()
+
+    def close(self) -> None:
+        """Flush and close the file; idempotent."""
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def record(finding: Finding) -> dict[str, Any]:
+    """The JSON object written for ``finding``; the schema is documented in the README."""
+    out: dict[str, Any] = {
+        "code": finding.code,
+        "event": finding.name,
+        "level": finding.level,
+        "step": finding.step,
+        "optimizer": finding.optimizer,
+        "params": list(finding.params),
+        "location": finding.location,
+        "hint": finding.hint,
+        "message": finding.message,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc)
+        .isoformat(timespec="microseconds")
+        .replace("+00:00", "Z"),
+    }
+    dist = _distributed()
+    if dist is not None:
+        out["rank"], out["world_size"] = dist
+    return out

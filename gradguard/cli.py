@@ -1,0 +1,284 @@
+"""``gradguard run``: guard every optimizer of a script or module without editing it.
+
+The script runs as ``__main__`` exactly as ``python script.py`` would run it:
+same ``sys.argv``, ``sys.path[0]``, ``__file__``, tracebacks and exit code.
+gradguard writes only to stderr, so the script's stdout is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import importlib.util
+import io
+import os
+import runpy
+import sys
+import traceback
+import types
+import zipfile
+from collections.abc import Callable, Sequence
+from importlib.machinery import SourceFileLoader
+
+from gradguard._dispatch import validate_codes
+from gradguard._exceptions import GradGuardError
+from gradguard._jsonlog import resolve_path
+from gradguard._naming import _is_internal
+from gradguard._session import SETTINGS, Session, validate_setting
+
+ENV_VAR = "GRADGUARD"
+_VALUE_OPTIONS = ("--mode", "--log-json", "--ignore")
+# Frames between the interpreter and the user's code: never part of their traceback.
+_RUNNER_FILES = frozenset({__file__, runpy.__file__, "<frozen runpy>"})
+
+Runner = Callable[[], None]
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(
+        prog="gradguard",
+        description="Catch gradient-handling bugs in PyTorch training loops while they run.",
+    )
+    from gradguard import __version__
+
+    parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run a script or module with every optimizer guarded",
+        description=(
+            "Run a Python script (or -m module) as python would, with every "
+            "torch.optim.Optimizer it steps guarded. Options go before the script; "
+            "everything after it is the script's own sys.argv."
+        ),
+        usage="gradguard run [options] (script.py | -m module) [args ...]",
+    )
+    run.add_argument(
+        "--mode",
+        choices=SETTINGS,
+        help=(
+            "strict: raise at the first finding; warn: a Python warning per finding "
+            "(default); log: log events only; off: run without gradguard. "
+            f"Default: the {ENV_VAR} environment variable, else warn."
+        ),
+    )
+    run.add_argument(
+        "--log-json",
+        metavar="PATH",
+        help="write one JSON object per finding per line to PATH; {rank} becomes the rank",
+    )
+    run.add_argument(
+        "--ignore", metavar="CODES", help="finding codes to silence, e.g. GG103 or GG101,GG103"
+    )
+    run.add_argument(
+        "--verbose", action="store_true", help="print the summary even when nothing was found"
+    )
+    run.add_argument("-m", dest="module", metavar="module", help="run a library module as a script")
+    run.add_argument("script", nargs="?", help="the script to run")
+    run.add_argument("args", nargs="*", help="the script's own arguments")
+    return parser, run
+
+
+def _split(tokens: list[str]) -> tuple[list[str], str | None, str | None, list[str]]:
+    """Split ``run``'s arguments into gradguard's options and the target with its argv.
+
+    Like python itself, the first argument that is not an option (or the one
+    after ``-m``) ends gradguard's options: ``gradguard run train.py --mode x``
+    passes ``--mode x`` to train.py.
+    """
+    options: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "--":
+            rest = tokens[i + 1 :]
+            return options, (rest[0] if rest else None), None, rest[1:]
+        if tok == "-m" and i + 1 < len(tokens):
+            return options, None, tokens[i + 1], tokens[i + 2 :]
+        if tok.startswith("-m") and not tok.startswith("--") and len(tok) > 2:
+            return options, None, tok[2:], tokens[i + 1 :]
+        if tok.startswith("-") and tok != "-":
+            options.append(tok)
+            if tok in _VALUE_OPTIONS and i + 1 < len(tokens):
+                options.append(tokens[i + 1])
+                i += 1
+            i += 1
+            continue
+        return options, tok, None, tokens[i + 1 :]
+    return options, None, None, []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradguard`` command; returns the exit status."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    parser, run_parser = _parsers()
+    if not tokens or tokens[0] != "run":
+        parser.parse_args(tokens)  # --help, --version, or a usage error
+        parser.print_usage(sys.stderr)
+        return 2
+    option_tokens, script, module, rest = _split(tokens[1:])
+    opts = run_parser.parse_args(option_tokens)
+    if script is None and module is None:
+        run_parser.error("give a script to run, or -m module")
+
+    mode = opts.mode
+    if mode is None:
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        try:
+            mode = validate_setting(env, f"{ENV_VAR} environment variable") if env else "warn"
+        except (TypeError, ValueError) as exc:
+            run_parser.error(str(exc))
+    try:
+        codes = validate_codes(opts.ignore, "--ignore")
+        if opts.log_json is not None:
+            resolve_path(opts.log_json, "--log-json")
+        session = (
+            None
+            if mode == "off"
+            else Session(mode, ignore=codes, log_json=opts.log_json, verbose=opts.verbose)
+        )
+    except (TypeError, ValueError) as exc:
+        run_parser.error(str(exc))
+
+    runner = _prepare_module(module, rest) if module is not None else _prepare_path(script, rest)
+    if isinstance(runner, int):
+        if session is not None:
+            session.stop()
+        return runner
+    return _execute(runner, session, mode)
+
+
+def _execute(runner: Runner, session: Session | None, mode: str) -> int:
+    if session is not None:
+        session.start()
+    try:
+        runner()
+    except (SystemExit, KeyboardInterrupt):
+        late = _finish(session)
+        if late is None:
+            raise
+        _print_strict(late, mode)
+        return 1
+    except GradGuardError as exc:
+        if exc.finding is None:  # gradguard's own failure, not a finding
+            _finish(session)
+            _print_exception(exc)
+            return 1
+        _finish(session, summary=False)
+        _print_strict(exc, mode)
+        return 1
+    except BaseException as exc:
+        _finish(session)
+        _print_exception(exc)
+        return 1
+    late = _finish(session)
+    if late is not None:
+        _print_strict(late, mode)
+        return 1
+    return 0
+
+
+def _finish(session: Session | None, summary: bool = True) -> GradGuardError | None:
+    """Close the session and print its summary; return a strict finding made at close.
+
+    The summary comes before anything else the runner prints, so a traceback
+    or a strict finding stays the last thing on stderr.
+    """
+    if session is None:
+        return None
+    late = None
+    try:
+        session.stop()
+    except GradGuardError as exc:  # a device-side verdict read back at close
+        late = exc
+    if summary and late is None:
+        session.print_summary()
+    return late
+
+
+def _user_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """Drop the runner's own frames from the top of ``tb``, as python shows none."""
+    while tb is not None and tb.tb_frame.f_code.co_filename in _RUNNER_FILES:
+        tb = tb.tb_next
+    return tb
+
+
+def _print_exception(exc: BaseException) -> None:
+    """Report an exception the script did not catch, as the interpreter would."""
+    # The default hook prints exc.__traceback__, whatever tb it is passed.
+    tb = _user_traceback(exc.__traceback__)
+    sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+
+
+def _print_strict(exc: GradGuardError, mode: str) -> None:
+    """Report a strict-mode finding: the user's frames, then the finding's message last."""
+    frames = traceback.extract_tb(_user_traceback(exc.__traceback__))
+    # The frames inside torch's step wrapper and gradguard's hooks say nothing
+    # about the user's loop; the traceback ends at their optimizer.step() line.
+    while frames and _is_internal(frames[-1].filename):
+        frames.pop()
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
+    lines.append(f"{name} (mode={mode}: the first finding stops the script; use --mode warn):\n")
+    message = exc.finding.message if exc.finding is not None else str(exc)
+    lines.append(message + "\n")
+    sys.stderr.write("".join(lines))
+    sys.stderr.flush()
+
+
+def _prepare_path(path: str | None, args: list[str]) -> Runner | int:
+    """Set up ``sys`` for ``python path args...`` and return what runs it, or an exit code."""
+    assert path is not None
+    sys.argv = [path, *args]
+    if os.path.isdir(path) or zipfile.is_zipfile(path):
+        # A directory or zip with __main__.py: runpy puts it first on sys.path.
+        if sys.path:
+            del sys.path[0]
+        return lambda: _discard(runpy.run_path(path, run_name="__main__"))
+    filename = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    try:
+        with io.open_code(filename) as f:
+            source = f.read()
+    except OSError as exc:
+        print(f"gradguard run: can't open file {filename!r}: {exc}", file=sys.stderr)
+        return 2
+    _set_path0(os.path.dirname(os.path.realpath(filename)))
+
+    def run() -> None:
+        code = compile(source, filename, "exec", dont_inherit=True)
+        module = types.ModuleType("__main__")
+        module.__file__ = filename
+        module.__cached__ = None  # type: ignore[attr-defined]
+        module.__loader__ = SourceFileLoader("__main__", filename)
+        module.__builtins__ = builtins  # type: ignore[attr-defined]
+        sys.modules["__main__"] = module
+        exec(code, module.__dict__)
+
+    return run
+
+
+def _prepare_module(name: str, args: list[str]) -> Runner | int:
+    """Set up ``sys`` for ``python -m name args...`` and return what runs it, or an exit code."""
+    sys.argv = [name, *args]  # runpy replaces [0] with the module's file
+    _set_path0(os.getcwd())
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:
+        print(f"gradguard run: {exc}", file=sys.stderr)
+        return 1
+    if spec is None:
+        print(f"gradguard run: No module named {name}", file=sys.stderr)
+        return 1
+    return lambda: _discard(runpy.run_module(name, run_name="__main__", alter_sys=True))
+
+
+def _set_path0(entry: str) -> None:
+    """Put ``entry`` where python puts the script's directory, replacing the runner's."""
+    if sys.path:
+        sys.path[0] = entry
+    else:
+        sys.path.insert(0, entry)
+
+
+def _discard(_: object) -> None:
+    return None

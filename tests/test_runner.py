@@ -1,0 +1,208 @@
+"""``gradguard run``: guard a script or module from the command line, with no code change."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from loops import BUGGY_SCRIPT, CORRECT_SCRIPT
+
+from gradguard.cli import main
+
+FLAGSHIP = "examples/tutorial_loop.py"
+UNGUARDED = "examples/tutorial_loop_unguarded.py"
+JSON_FIELDS = {
+    "code",
+    "event",
+    "level",
+    "step",
+    "optimizer",
+    "params",
+    "location",
+    "hint",
+    "message",
+    "timestamp",
+}
+
+# Prints how it was started, then fails the way its first argument asks.
+PROBE = """\
+import sys
+print(__name__, __file__, sys.argv, sys.path[0])
+if sys.argv[1:2] == ["raise"]:
+    raise ValueError("the script's own error")
+if sys.argv[1:2] == ["exit"]:
+    sys.exit(3)
+"""
+
+
+def _python(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def tutorial_stdout() -> str:
+    """What the tutorial loop prints without gradguard (torch is seeded, so it is reproducible)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        runpy.run_path(str(ROOT / UNGUARDED), run_name="__main__")
+    return out.getvalue()
+
+
+@pytest.fixture
+def isolated_sys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let an in-process run replace sys.argv, sys.path[0] and __main__, then restore them."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
+    monkeypatch.delenv("GRADGUARD", raising=False)
+
+
+def test_strict_flagship_exits_nonzero_with_the_finding_last(
+    subprocess_env: dict[str, str],
+) -> None:
+    """Strict mode stops the flagship example at GG102 and its message is stderr's last line."""
+    proc = _python("-m", "gradguard", "run", "--mode", "strict", FLAGSHIP)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    last = proc.stderr.rstrip("\n").splitlines()[-1]
+    assert last.startswith("GG102 cleared-before-step: ")
+    assert last.endswith("never clear between backward() and step().")
+    assert f'File "{ROOT / FLAGSHIP}", line 34, in <module>' in proc.stderr
+
+
+def test_log_mode_writes_the_json_line_and_leaves_stdout_alone(
+    tmp_path: Path, subprocess_env: dict[str, str], tutorial_stdout: str
+) -> None:
+    """--mode log --log-json exits 0 and writes the GG102 record; the script's stdout is intact."""
+    out = tmp_path / "out.jsonl"
+    proc = _python("-m", "gradguard", "run", "--mode", "log", "--log-json", str(out), FLAGSHIP)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == tutorial_stdout
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert set(record) == JSON_FIELDS
+    assert (record["code"], record["step"], record["location"]) == ("GG102", 1, f"{FLAGSHIP}:34")
+    assert record["params"] == ["linear.weight", "linear.bias"]
+
+
+def test_unguarded_tutorial_gives_the_same_finding(
+    subprocess_env: dict[str, str], tutorial_stdout: str
+) -> None:
+    """The tutorial loop with no gradguard line gets GG102 under the runner, with a summary."""
+    proc = _python("-m", "gradguard", "run", UNGUARDED)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == tutorial_stdout
+    assert f"{UNGUARDED}:33: ClearedBeforeStepWarning: GG102 cleared-before-step" in proc.stderr
+    assert "params [linear.weight, linear.bias]" in proc.stderr
+    summary = proc.stderr[proc.stderr.index("gradguard: 99 findings (mode=warn)") :]
+    assert f"GG102 cleared-before-step x99, first at {UNGUARDED}:33, step 2" in summary
+    assert "Fix: move zero_grad() before loss.backward()" in summary
+
+
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_script_failure_is_the_same_as_under_python(
+    how: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    isolated_sys: None,
+) -> None:
+    """A script's own exception or sys.exit(3) gives python's output, traceback and exit code."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "probe.py").write_text(PROBE)
+    expected = _python("sub/probe.py", how, "--mode", "x", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["run", "sub/probe.py", how, "--mode", "x"])
+    except SystemExit as exc:
+        code = exc.code  # type: ignore[assignment]
+    out, err = capsys.readouterr()
+    assert (code, out, err) == (expected.returncode, expected.stdout, expected.stderr)
+
+
+def test_dash_m_runs_a_module_like_python(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    isolated_sys: None,
+) -> None:
+    """``gradguard run -m pkg.mod args`` starts the module exactly as ``python -m`` does."""
+    (tmp_path / "gg_probe_pkg").mkdir()
+    (tmp_path / "gg_probe_pkg" / "__init__.py").write_text("")
+    (tmp_path / "gg_probe_pkg" / "mod.py").write_text(PROBE)
+    expected = _python("-m", "gg_probe_pkg.mod", "a", "-m", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "-m", "gg_probe_pkg.mod", "a", "-m"])
+    out, err = capsys.readouterr()
+    assert (code, out, err) == (0, expected.stdout, "")
+
+
+def test_correct_loop_prints_nothing_unless_verbose(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    isolated_sys: None,
+) -> None:
+    """A correct loop leaves stderr empty; --verbose says that nothing was found."""
+    (tmp_path / "train.py").write_text(CORRECT_SCRIPT)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--mode", "strict", "train.py"]) == 0
+    assert capsys.readouterr() == ("trained\n", "")
+    assert main(["run", "--mode", "strict", "--verbose", "train.py"]) == 0
+    assert capsys.readouterr().err == "gradguard: no findings (mode=strict, 1 optimizer watched)\n"
+
+
+def test_environment_variable_sets_the_mode_and_the_flag_wins(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    isolated_sys: None,
+) -> None:
+    """GRADGUARD=strict makes the runner strict, --mode wins over it, GRADGUARD=off turns it off."""
+    (tmp_path / "train.py").write_text(BUGGY_SCRIPT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRADGUARD", "strict")
+    assert main(["run", "train.py"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith("GG102 cleared-before-step")
+    assert main(["run", "--mode", "log", "train.py"]) == 0
+    assert "gradguard: 2 findings (mode=log)" in capsys.readouterr().err
+    monkeypatch.setenv("GRADGUARD", "off")
+    assert main(["run", "train.py"]) == 0
+    assert capsys.readouterr() == ("trained\n", "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["run", "train.py"], "loud", "GRADGUARD environment variable"),
+        (["run", "--mode", "loud", "train.py"], None, "--mode"),
+        (["run", "--ignore", "GG999", "train.py"], None, "--ignore"),
+        (["run", "--log-json", "no/such/dir/out.jsonl", "train.py"], None, "no/such/dir"),
+        (["run"], None, "give a script"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_value(
+    argv: list[str],
+    env: str | None,
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    isolated_sys: None,
+) -> None:
+    """A bad mode, code or log path stops the runner with exit code 2 and says which value."""
+    monkeypatch.chdir(tmp_path)
+    if env is not None:
+        monkeypatch.setenv("GRADGUARD", env)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert named in capsys.readouterr().err

@@ -1,0 +1,127 @@
+"""gradguard.install() / uninstall(): one call guards every optimizer in the process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from loops import BUGGY_SCRIPT, step_lineno, train
+
+import gradguard
+
+
+@pytest.fixture(autouse=True)
+def _uninstall() -> Iterator[None]:
+    yield
+    gradguard.uninstall()
+
+
+def test_install_reports_an_optimizer_the_code_never_guarded(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A loop with no gradguard line gets its GG102 once install() ran, counted in the summary."""
+    gradguard.install(mode="log")
+    train(bug=True, steps=3)
+    rows = gradguard.uninstall()
+    assert [(r.code, r.count, r.first_step) for r in rows] == [("GG102", 2, 2)]
+    assert rows[0].params == ("0.weight", "0.bias", "2.weight", "2.bias")
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "GG102 cleared-before-step x2" in err
+    assert f"loops.py:{step_lineno()}" in err
+
+
+def test_strict_raises_from_the_first_judged_step() -> None:
+    """In strict mode the finding raises from optimizer.step(); the discovery step is not judged."""
+    gradguard.install(mode="strict")
+    with pytest.raises(gradguard.ClearedBeforeStepError) as info:
+        train(bug=True)
+    finding = info.value.finding
+    assert finding is not None
+    assert finding.step == 2
+    assert finding.location.endswith(f"loops.py:{step_lineno()}")
+
+
+def test_correct_loop_stays_silent(capsys: pytest.CaptureFixture[str]) -> None:
+    """A correct loop reports nothing, including at the step where the optimizer is discovered."""
+    gradguard.install(mode="strict")
+    train(bug=False, steps=4)
+    assert gradguard.uninstall() == []
+    assert capsys.readouterr().err == ""
+
+
+def test_guard_without_mode_follows_install() -> None:
+    """guard() with no mode= takes install()'s mode; an explicit mode= in the code wins."""
+    gradguard.install(mode="strict", ignore=["GG103"])
+    params = [torch.nn.Parameter(torch.ones(2))]
+    implicit = gradguard.guard(torch.optim.SGD(params, lr=0.1))
+    explicit = gradguard.guard(torch.optim.SGD(params, lr=0.1), mode="log")
+    implicit_guard, explicit_guard = gradguard.guard_of(implicit), gradguard.guard_of(explicit)
+    assert implicit_guard is not None
+    assert explicit_guard is not None
+    assert (implicit_guard.mode, explicit_guard.mode) == ("strict", "log")
+
+
+def test_uninstall_removes_the_guards_install_made() -> None:
+    """After uninstall() the optimizers install() guarded are plain again and bugs pass silently."""
+    gradguard.install(mode="strict")
+    _, opt = train(bug=False)
+    assert gradguard.guard_of(opt) is not None
+    gradguard.uninstall()
+    assert gradguard.guard_of(opt) is None
+    train(bug=True)
+
+
+def test_second_install_replaces_the_first(capsys: pytest.CaptureFixture[str]) -> None:
+    """A second install() replaces the first, whose summary is printed, and its mode applies."""
+    gradguard.install(mode="log")
+    train(bug=True)
+    gradguard.install(mode="strict")
+    assert "gradguard: 2 findings (mode=log)" in capsys.readouterr().err
+    with pytest.raises(gradguard.ClearedBeforeStepError):
+        train(bug=True)
+
+
+def test_bad_arguments_raise_and_keep_the_current_install() -> None:
+    """A bad mode or code raises ValueError naming it and leaves the running install in place."""
+    gradguard.install(mode="strict")
+    with pytest.raises(ValueError, match="mode='loud'"):
+        gradguard.install(mode="loud")
+    with pytest.raises(ValueError, match="GG999"):
+        gradguard.install(ignore=["GG999"])
+    with pytest.raises(gradguard.ClearedBeforeStepError):
+        train(bug=True)
+
+
+def test_ignore_silences_a_code_and_off_installs_nothing() -> None:
+    """install(ignore=...) silences a code, and install(mode="off") turns gradguard off."""
+    gradguard.install(mode="strict", ignore="GG102")
+    train(bug=True)
+    gradguard.install(mode="off")
+    train(bug=True)
+    assert gradguard.uninstall() == []
+
+
+def test_summary_at_exit_and_warning_filter_on_the_code(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    """A script with install() on top prints the summary at exit; ``-W ignore:GG102`` hides it."""
+    script = tmp_path / "train.py"
+    script.write_text("import gradguard\n\ngradguard.install()\n" + BUGGY_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore:GG102", str(script)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "trained\n"
+    assert "Warning" not in proc.stderr
+    assert proc.stderr.startswith(
+        "gradguard: 2 findings (mode=warn)\n  GG102 cleared-before-step x2"
+    )
