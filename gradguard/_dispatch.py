@@ -215,7 +215,8 @@ def emit_event(finding: Finding, *, console: bool) -> None:
         params=list(finding.params),
         location=finding.location,
         hint=finding.hint,
-        message=finding.message,
+        # not "message": the stdlib logging bridge refuses to overwrite LogRecord.message
+        report=finding.message,
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {
     "tutorial_loop.py": ["GG102"],
+    "tutorial_loop_unguarded.py": [],  # no guard line: tests/test_runner.py runs it guarded
     "missing_zero_grad.py": ["GG101"],
     "step_before_backward.py": ["GG103", "GG102"],
     "accumulation_mismatch.py": ["GG104"],

@@ -125,7 +125,7 @@ def test_structlog_json_pipeline_receives_events_with_their_fields() -> None:
     assert event["step"] == 2
     assert event["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert event["location"].endswith(f"loops.py:{step_lineno()}")
-    assert event["message"].startswith("GG102")
+    assert event["report"].startswith("GG102")
     assert event["hint"]
 
 
@@ -161,6 +161,36 @@ def test_stdlib_logging_bridge_receives_events_under_the_gradguard_logger() -> N
         "cleared-before-step",
         "GG102",
     )
+
+
+def test_stdlib_render_to_log_kwargs_bridge_keeps_the_guard_running() -> None:
+    """With render_to_log_kwargs, events become LogRecord extras without clashing keys."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger = logging.getLogger("gradguard")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    structlog.configure(
+        processors=[structlog.stdlib.add_log_level, structlog.stdlib.render_to_log_kwargs],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )
+    try:
+        gradguard.install(mode="log")
+        train(bug=True)
+        gradguard.uninstall()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    codes = [getattr(r, "code", None) for r in records]
+    assert codes == ["GG102"]
+    assert "internal-error" not in [r.getMessage() for r in records]
+    assert records[0].getMessage() == "cleared-before-step"
 
 
 def test_without_structlog_config_events_are_console_lines_on_stderr(
