@@ -65,6 +65,7 @@ def test_zero_grad_inside_a_rarely_true_if_is_stale(net):
     g = run(loop, net)
     assert codes(g) == ["GG101"]
     assert {f.step for f in g.findings} == {2}
+    assert g.findings[0].params == ALL
     assert sum(g.counts.values()) == 4  # steps 2, 3, 5, 6
 
 
@@ -280,6 +281,7 @@ def test_step_before_backward_is_gg103_then_gg102(net):
     g = run(loop, net)
     assert codes(g) == ["GG103", "GG102"]
     assert g.findings[0].step == 1
+    assert g.findings[0].params == ALL
     assert g.findings[1].step == 2
     assert g.findings[1].params == ALL
 
@@ -301,6 +303,7 @@ def test_step_left_in_a_no_grad_validation_loop_is_gg103(net):
     g = run(loop, net)
     assert codes(g) == ["GG103"]
     assert g.findings[0].step == 3
+    assert g.findings[0].params == ALL
 
 
 def test_step_in_validation_with_gradients_left_over_is_stale(net):
@@ -316,6 +319,7 @@ def test_step_in_validation_with_gradients_left_over_is_stale(net):
 
     g = run(loop, net)
     assert codes(g) == ["GG101"]
+    assert g.findings[0].params == ALL
 
 
 def test_names_fall_back_to_group_index_and_shape_without_a_model():
