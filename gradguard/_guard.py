@@ -268,14 +268,15 @@ class Guard:
         self, opt: torch.optim.Optimizer, params: list[torch.Tensor], location: Location
     ) -> None:
         """GG201/GG202 from one batched norm per step, read back without a sync."""
-        if not self._cadence.due():
+        grads: list[torch.Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        if not self._cadence.due(grads):
             return
         # A fused optimizer under a GradScaler steps on still-scaled gradients;
         # the scaler leaves its scale and found-inf flag on the optimizer.
         scale = getattr(opt, "grad_scale", None)
         skipped = getattr(opt, "found_inf", None)
-        with self._cadence.timed():
-            readback = grad_norms([p.grad for p in params], scale, skipped)  # type: ignore[misc]
+        readback = grad_norms(grads, scale, skipped)
+        del grads  # never hold gradients past this call
         if readback is None:
             return
         step = self._step
@@ -598,9 +599,9 @@ def guard(
             purpose; enables GG104 instead of GG105.
         check_numerics: run the non-finite (GG201) and exploding (GG202)
             checks, one batched norm per step on the device.
-        numerics_every: run them every this many steps; by default every
-            step, unless that would cost over 2% of the time between steps
-            (hundreds of small tensors on a CPU), then as often as fits.
+        numerics_every: run them every this many steps. By default every
+            step, except on a CPU with more than 256 gradient tensors, where
+            the norm pass loops over tensors: every ceil(n / 256)-th step.
         explode_factor: GG202 fires when the total gradient norm reaches this
             multiple of its running median.
         max_grad_norm: GG202 also fires above this absolute total norm.

@@ -10,11 +10,8 @@ it costs nothing either.
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import statistics
-import time
-from collections.abc import Iterator
 
 import torch
 
@@ -142,50 +139,28 @@ def largest_shares(norms: list[float], limit: int = 5) -> list[int]:
 
 
 class Cadence:
-    """How often the numeric checks run: every ``every`` steps, or within a time budget.
+    """How often the numeric checks run: every ``every`` steps, or by a fixed rule.
 
-    With ``every=None`` the checks run every step unless queuing them costs
-    both more than ``floor`` seconds and more than ``budget`` of the time
-    between steps; then every k-th step, the smallest k that keeps them
-    inside the budget. On a GPU the ops are queued
-    asynchronously and cost microseconds, so this is every step; on a CPU with
-    hundreds of small gradient tensors the norm pass itself costs time.
+    With ``every=None`` they run every step, except on a CPU with more than
+    ``per_step`` gradient tensors, where the norm pass is a loop over tensors
+    that costs a few microseconds each: there every ``ceil(n / per_step)``-th
+    step. The rule depends only on the model, so a run is reproducible.
     """
 
-    def __init__(self, every: int | None, budget: float = 0.02, floor: float = 1e-4) -> None:
+    def __init__(self, every: int | None, per_step: int = 256) -> None:
         self.every = every
-        self.budget = budget
-        self.floor = floor
+        self.per_step = per_step
         self._count = 0
-        self._timed = 0
-        self._cost = 0.0  # seconds per check, smoothed
-        self._last = 0.0  # time.perf_counter() at the previous due() call
-        self._interval = 0.0  # seconds between steps, smoothed
 
-    def due(self) -> bool:
-        """Count one step; whether the checks run on it."""
-        now = time.perf_counter()
-        if self._last:
-            gap = now - self._last
-            self._interval = gap if not self._interval else 0.9 * self._interval + 0.1 * gap
-        self._last = now
+    def due(self, grads: list[torch.Tensor]) -> bool:
+        """Count one step; whether the checks run on it for these gradients."""
         self._count += 1
-        return (self._count - 1) % self._period() == 0
+        return (self._count - 1) % self.period(grads) == 0
 
-    def _period(self) -> int:
+    def period(self, grads: list[torch.Tensor]) -> int:
+        """Steps between two checks for ``grads``."""
         if self.every is not None:
             return self.every
-        if not self._interval or self._cost <= self.floor:
+        if len(grads) <= self.per_step or grads[0].device.type != "cpu":
             return 1
-        return max(1, math.ceil(self._cost / (self.budget * self._interval)))
-
-    @contextlib.contextmanager
-    def timed(self) -> Iterator[None]:
-        """Measure one check's cost on the host."""
-        start = time.perf_counter()
-        yield
-        cost = time.perf_counter() - start
-        self._timed += 1
-        if self._timed == 1:
-            return  # the first call pays one-off warm-up costs
-        self._cost = cost if not self._cost else 0.8 * self._cost + 0.2 * cost
+        return math.ceil(len(grads) / self.per_step)
