@@ -1,7 +1,7 @@
 """The JSON-lines file: one object per finding, for log shippers and CI artefacts.
 
 Every record holds ``code``, ``event``, ``level``, ``step``, ``optimizer``,
-``params``, ``location``, ``hint``, ``message`` and ``timestamp``, plus
+``params``, ``location``, ``hint``, ``doc``, ``message`` and ``timestamp``, plus
 ``rank`` and ``world_size`` when ``torch.distributed`` is initialised.
 """
 
@@ -113,6 +113,7 @@ def record(finding: Finding) -> dict[str, Any]:
         "params": list(finding.params),
         "location": finding.location,
         "hint": finding.hint,
+        "doc": finding.doc,
         "message": finding.message,
         "timestamp": datetime.datetime.now(datetime.timezone.utc)
         .isoformat(timespec="microseconds")

@@ -26,6 +26,7 @@ FIELDS = {
     "params",
     "location",
     "hint",
+    "doc",
     "message",
     "timestamp",
 }
@@ -68,7 +69,8 @@ def test_json_log_holds_one_line_per_finding_with_every_field(tmp_path: Path) ->
     assert record["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert str(record["location"]).endswith(f"loops.py:{step_lineno()}")
     assert str(record["message"]).startswith("GG102 cleared-before-step:")
-    assert str(record["message"]).endswith(f"Fix: {record['hint']}.")
+    assert str(record["message"]).endswith(f"Fix: {record['hint']}. See {record['doc']}.")
+    assert record["doc"] == "docs/findings/GG102.md"
     assert str(record["timestamp"]).endswith("Z")
 
 

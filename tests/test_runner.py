@@ -27,6 +27,7 @@ JSON_FIELDS = {
     "params",
     "location",
     "hint",
+    "doc",
     "message",
     "timestamp",
 }
@@ -75,7 +76,7 @@ def test_strict_flagship_exits_nonzero_with_the_finding_last(
     assert proc.stdout == ""
     last = proc.stderr.rstrip("\n").splitlines()[-1]
     assert last.startswith("GG102 cleared-before-step: ")
-    assert last.endswith("never clear between backward() and step().")
+    assert last.endswith("never clear between backward() and step(). See docs/findings/GG102.md.")
     assert f'File "{ROOT / FLAGSHIP}", line 34, in <module>' in proc.stderr
 
 
