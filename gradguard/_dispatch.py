@@ -106,6 +106,12 @@ class SummaryRow:
     params: tuple[str, ...]
     hint: str
 
+    @property
+    def doc(self) -> str:
+        """The page explaining this code, such as ``docs/findings/GG102.md``."""
+        entry = CATALOGUE.get(self.code)
+        return entry.doc if entry is not None else ""
+
 
 class Reporter:
     """Deduplicates findings and emits each new one according to the mode."""

@@ -1,8 +1,11 @@
 """The JSON-lines file: one object per finding, for log shippers and CI artefacts.
 
-Every record holds ``code``, ``event``, ``level``, ``step``, ``optimizer``,
-``params``, ``location``, ``hint``, ``doc``, ``message`` and ``timestamp``, plus
-``rank`` and ``world_size`` when ``torch.distributed`` is initialised.
+Every finding record holds ``code``, ``event``, ``level``, ``step``,
+``optimizer``, ``params``, ``location``, ``hint``, ``doc``, ``message`` and
+``timestamp``, plus ``rank`` and ``world_size`` when ``torch.distributed`` is
+initialised. When the log closes after findings, one ``"event": "summary"``
+record gives how often each code fired, repeats included, for
+``gradguard report``.
 """
 
 from __future__ import annotations
@@ -79,15 +82,21 @@ class JsonLog:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         self._file: IO[str] | None = os.fdopen(fd, "w", encoding="utf-8")
         self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
 
     def __call__(self, finding: Finding, first: bool) -> None:
-        """Write ``finding`` if it is new; repeats are counted in the summary only."""
+        """Write ``finding`` if it is new; repeats are only counted, for the summary record."""
+        with self._lock:
+            self._counts[finding.code] = self._counts.get(finding.code, 0) + 1
         if first:
             self.write(finding)
 
     def write(self, finding: Finding) -> None:
         """Append ``finding`` as one line."""
-        line = json.dumps(record(finding), ensure_ascii=False) + "\n"
+        self._append(record(finding))
+
+    def _append(self, obj: dict[str, Any]) -> None:
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
         with self._lock:
             if self._file is None:
                 return
@@ -95,7 +104,16 @@ class JsonLog:
             self._file.flush()
 
     def close(self) -> None:
-        """Flush and close the file; idempotent."""
+        """Write the summary record if anything was found, then close the file; idempotent.
+
+        A file holding findings but no summary comes from a run that did not
+        finish; ``gradguard report`` then counts each distinct finding once.
+        """
+        with self._lock:
+            counts = dict(sorted(self._counts.items())) if self._file is not None else {}
+            self._counts.clear()
+        if counts:
+            self._append(stamp({"event": "summary", "counts": counts}))
         with self._lock:
             if self._file is not None:
                 self._file.close()
@@ -115,10 +133,22 @@ def record(finding: Finding) -> dict[str, Any]:
         "hint": finding.hint,
         "doc": finding.doc,
         "message": finding.message,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc)
-        .isoformat(timespec="microseconds")
-        .replace("+00:00", "Z"),
     }
+    return stamp(out)
+
+
+def stamp(out: dict[str, Any]) -> dict[str, Any]:
+    """Add the ``timestamp`` and, under ``torch.distributed``, ``rank`` and ``world_size``."""
+    out["timestamp"] = (
+        datetime.datetime.now(datetime.timezone.utc)
+        .isoformat(timespec="microseconds")
+        .replace("+00:00", "Z")
+    )
+    return with_rank(out)
+
+
+def with_rank(out: dict[str, Any]) -> dict[str, Any]:
+    """Add ``rank`` and ``world_size`` when ``torch.distributed`` is initialised."""
     dist = _distributed()
     if dist is not None:
         out["rank"], out["world_size"] = dist

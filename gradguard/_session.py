@@ -32,6 +32,7 @@ from gradguard._dispatch import (
 )
 from gradguard._findings import Finding
 from gradguard._jsonlog import JsonLog
+from gradguard._report import plural, render_table, wants_colour, width_for
 
 if TYPE_CHECKING:
     import torch
@@ -193,29 +194,36 @@ class Session:
 
     def print_summary(self, file: TextIO | None = None) -> None:
         """Write the summary to stderr; nothing when nothing was found, unless verbose."""
-        text = format_summary(self.summary(), self.mode, self.optimizers, self.verbose)
+        stream = sys.stderr if file is None else file
+        text = format_summary(
+            self.summary(),
+            self.mode,
+            self.optimizers,
+            self.verbose,
+            colour=wants_colour(stream),
+            width=width_for(stream),
+        )
         if text:
-            print(text, file=sys.stderr if file is None else file, flush=True)
+            print(text, file=stream, flush=True)
 
 
-def format_summary(rows: list[SummaryRow], mode: str, optimizers: int, verbose: bool) -> str:
-    """The end-of-run summary: per code the count, the first place and the fix."""
+def format_summary(
+    rows: list[SummaryRow],
+    mode: str,
+    optimizers: int,
+    verbose: bool,
+    *,
+    colour: bool = False,
+    width: int = 100,
+) -> str:
+    """The end-of-run summary: a title, then the table ``gradguard report`` prints too."""
     if not rows:
         if not verbose:
             return ""
-        noun = "optimizer" if optimizers == 1 else "optimizers"
-        return f"gradguard: no findings (mode={mode}, {optimizers} {noun} watched)"
+        return f"gradguard: no findings (mode={mode}, {plural(optimizers, 'optimizer')} watched)"
     total = sum(r.count for r in rows)
-    lines = [f"gradguard: {total} finding{'s' if total != 1 else ''} (mode={mode})"]
-    for r in rows:
-        where = f" at {r.location}" if r.location else ""
-        params = f", params [{', '.join(r.params[:4])}{', ...' if len(r.params) > 4 else ''}]"
-        lines.append(
-            f"  {r.code} {r.name} x{r.count}, first{where}, step {r.first_step}"
-            f"{params if r.params else ''}"
-        )
-        lines.append(f"      Fix: {r.hint}.")
-    return "\n".join(lines)
+    title = f"gradguard: {plural(total, 'finding')} (mode={mode})"
+    return title + "\n" + render_table(rows, colour=colour, width=width)
 
 
 def install(

@@ -1,8 +1,11 @@
-"""``gradguard run``: guard every optimizer of a script or module without editing it.
+"""The ``gradguard`` command: ``run`` a script with every optimizer guarded, ``report`` on a log.
 
-The script runs as ``__main__`` exactly as ``python script.py`` would run it:
-same ``sys.argv``, ``sys.path[0]``, ``__file__``, tracebacks and exit code.
-gradguard writes only to stderr, so the script's stdout is unchanged.
+``gradguard run``: the script runs as ``__main__`` exactly as ``python
+script.py`` would run it: same ``sys.argv``, ``sys.path[0]``, ``__file__``,
+tracebacks and exit code. gradguard writes only to stderr, so the script's
+stdout is unchanged.
+
+``gradguard report``: the summary table of one or more JSON-lines logs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from gradguard._dispatch import validate_codes
 from gradguard._exceptions import GradGuardError
 from gradguard._jsonlog import resolve_path
 from gradguard._naming import _is_internal
+from gradguard._report import ReportError, expand, load, report_text, wants_colour, width_for
 from gradguard._session import SETTINGS, Session, validate_setting
 
 ENV_VAR = "GRADGUARD"
@@ -34,7 +38,7 @@ _RUNNER_FILES = frozenset({__file__, runpy.__file__, "<frozen runpy>"})
 Runner = Callable[[], None]
 
 
-def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(
         prog="gradguard",
         description="Catch gradient-handling bugs in PyTorch training loops while they run.",
@@ -76,7 +80,22 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_argument("-m", dest="module", metavar="module", help="run a library module as a script")
     run.add_argument("script", nargs="?", help="the script to run")
     run.add_argument("args", nargs="*", help="the script's own arguments")
-    return parser, run
+    report = sub.add_parser(
+        "report",
+        help="summarise JSON-lines logs as a table",
+        description=(
+            "Print the findings of one or more gradguard JSON-lines logs (one per rank, "
+            "merged) as a table: code, name, count, first step, first location, "
+            "parameters and the fix."
+        ),
+    )
+    report.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="JSON-lines logs written by --log-json; a quoted glob such as 'run-*.jsonl' works",
+    )
+    return parser, run, report
 
 
 def _split(tokens: list[str]) -> tuple[list[str], str | None, str | None, list[str]]:
@@ -111,7 +130,9 @@ def _split(tokens: list[str]) -> tuple[list[str], str | None, str | None, list[s
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradguard`` command; returns the exit status."""
     tokens = list(sys.argv[1:] if argv is None else argv)
-    parser, run_parser = _parsers()
+    parser, run_parser, report_parser = _parsers()
+    if tokens and tokens[0] == "report":
+        return _report(report_parser.parse_args(tokens[1:]))
     if not tokens or tokens[0] != "run":
         parser.parse_args(tokens)  # --help, --version, or a usage error
         parser.print_usage(sys.stderr)
@@ -146,6 +167,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             session.stop()
         return runner
     return _execute(runner, session, mode)
+
+
+def _report(opts: argparse.Namespace) -> int:
+    """``gradguard report``: print the table to stdout."""
+    try:
+        run = load(expand(opts.paths))
+    except ReportError as exc:
+        print(f"gradguard report: {exc}", file=sys.stderr)
+        return 2
+    print(report_text(run, colour=wants_colour(sys.stdout), width=width_for(sys.stdout)))
+    return 0
 
 
 def _execute(runner: Runner, session: Session | None, mode: str) -> int:

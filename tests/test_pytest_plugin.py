@@ -187,8 +187,10 @@ def test_warn_mode_lists_findings_in_the_warnings_summary_and_json_log(
     result.stdout.fnmatch_lines(
         ["*warnings summary*", "*ClearedBeforeStepWarning: GG102 cleared-before-step*"]
     )
-    (record,) = [json.loads(line) for line in (pytester.path / "gg.jsonl").read_text().splitlines()]
+    lines = (pytester.path / "gg.jsonl").read_text().splitlines()
+    record, summary = [json.loads(line) for line in lines]
     assert (record["code"], record["params"]) == ("GG102", ["weight", "bias"])
+    assert (summary["event"], summary["counts"]) == ("summary", {"GG102": 2})
 
 
 def test_loading_the_plugin_imports_neither_torch_nor_gradguard(
