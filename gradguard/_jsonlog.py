@@ -95,6 +95,10 @@ class JsonLog:
         """Append ``finding`` as one line."""
         self._append(record(finding))
 
+    def write_record(self, obj: dict[str, Any]) -> None:
+        """Append a record that is not a finding (a step's norms), with the rank if any."""
+        self._append(with_rank(dict(obj)))
+
     def _append(self, obj: dict[str, Any]) -> None:
         line = json.dumps(obj, ensure_ascii=False) + "\n"
         with self._lock:

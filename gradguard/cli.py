@@ -75,6 +75,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
         "--ignore", metavar="CODES", help="finding codes to silence, e.g. GG103 or GG101,GG103"
     )
     run.add_argument(
+        "--record-norms",
+        action="store_true",
+        help="also write every step's gradient norms (total and per top-level module) to "
+        "the --log-json file",
+    )
+    run.add_argument(
         "--verbose", action="store_true", help="print the summary even when nothing was found"
     )
     run.add_argument("-m", dest="module", metavar="module", help="run a library module as a script")
@@ -153,10 +159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         codes = validate_codes(opts.ignore, "--ignore")
         if opts.log_json is not None:
             resolve_path(opts.log_json, "--log-json")
+        elif opts.record_norms:
+            raise ValueError("--record-norms needs --log-json PATH: the norms go to that file")
         session = (
             None
             if mode == "off"
-            else Session(mode, ignore=codes, log_json=opts.log_json, verbose=opts.verbose)
+            else Session(
+                mode,
+                ignore=codes,
+                log_json=opts.log_json,
+                verbose=opts.verbose,
+                record_norms=opts.record_norms,
+            )
         )
     except (TypeError, ValueError) as exc:
         run_parser.error(str(exc))
