@@ -242,7 +242,9 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def report_text(run: Run, *, colour: bool = False, width: int = _DEFAULT_WIDTH) -> str:
+def report_text(
+    run: Run, *, colour: bool = False, width: int = _DEFAULT_WIDTH, plotting: bool = False
+) -> str:
     """The text ``gradguard report`` prints: a title, the table, and notes."""
     rows = run.summary()
     where = run.paths[0] if len(run.paths) == 1 else f"{len(run.paths)} files"
@@ -254,6 +256,7 @@ def report_text(run: Run, *, colour: bool = False, width: int = _DEFAULT_WIDTH) 
         lines += ["", render_table(rows, colour=colour, width=width)]
     if run.norms:
         steps = len({(r.get("optimizer"), r.get("step")) for r in run.norms})
-        lines += ["", f"gradient norms recorded for {plural(steps, 'step')}"]
+        hint = "" if plotting else "; draw them with --plot timeline.png"
+        lines += ["", f"gradient norms recorded for {plural(steps, 'step')}{hint}"]
     lines += [f"note: {note}" for note in run.notes]
     return "\n".join(lines)

@@ -5,7 +5,8 @@ script.py`` would run it: same ``sys.argv``, ``sys.path[0]``, ``__file__``,
 tracebacks and exit code. gradguard writes only to stderr, so the script's
 stdout is unchanged.
 
-``gradguard report``: the summary table of one or more JSON-lines logs.
+``gradguard report``: the summary table of one or more JSON-lines logs, and
+optionally the gradient timeline as a picture.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from importlib.machinery import SourceFileLoader
 
+from gradguard import _plot
 from gradguard._dispatch import validate_codes
 from gradguard._exceptions import GradGuardError
 from gradguard._jsonlog import resolve_path
@@ -88,7 +90,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
     run.add_argument("args", nargs="*", help="the script's own arguments")
     report = sub.add_parser(
         "report",
-        help="summarise JSON-lines logs as a table",
+        help="summarise JSON-lines logs as a table, and plot the gradient timeline",
         description=(
             "Print the findings of one or more gradguard JSON-lines logs (one per rank, "
             "merged) as a table: code, name, count, first step, first location, "
@@ -100,6 +102,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
         nargs="+",
         metavar="PATH",
         help="JSON-lines logs written by --log-json; a quoted glob such as 'run-*.jsonl' works",
+    )
+    report.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw the gradient norms per step, with each finding marked, to this file "
+        '(needs matplotlib: pip install "gradguard[plot]")',
     )
     return parser, run, report
 
@@ -184,13 +192,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(opts: argparse.Namespace) -> int:
-    """``gradguard report``: print the table to stdout."""
+    """``gradguard report``: print the table to stdout; draw the timeline if asked."""
+    if opts.plot is not None:
+        if _plot.load_pyplot() is None:
+            print(
+                f"gradguard report: --plot needs matplotlib; install it with: {_plot.INSTALL_HINT}",
+                file=sys.stderr,
+            )
+            return 2
+        directory = os.path.dirname(opts.plot) or "."
+        if not os.path.isdir(directory):
+            print(
+                f"gradguard report: --plot {opts.plot}: directory {directory!r} does not exist",
+                file=sys.stderr,
+            )
+            return 2
     try:
         run = load(expand(opts.paths))
     except ReportError as exc:
         print(f"gradguard report: {exc}", file=sys.stderr)
         return 2
-    print(report_text(run, colour=wants_colour(sys.stdout), width=width_for(sys.stdout)))
+    colour, width = wants_colour(sys.stdout), width_for(sys.stdout)
+    print(report_text(run, colour=colour, width=width, plotting=opts.plot is not None))
+    if opts.plot is not None:
+        if not run.norms:
+            print(
+                "gradguard report: no gradient norms in the log to plot; record them with "
+                "gradguard run --record-norms --log-json PATH (or record_norms=True)",
+                file=sys.stderr,
+            )
+            return 1
+        _plot.timeline(run, opts.plot)
+        print(f"timeline written to {opts.plot}")
     return 0
 
 
