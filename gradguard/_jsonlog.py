@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import threading
+import time
 from typing import IO, Any
 
 import torch
@@ -21,6 +22,10 @@ import torch
 from gradguard._findings import Finding
 
 RANK_PLACEHOLDER = "{rank}"
+# Per-step records (record_norms) are written in batches, so that a step pays
+# for a list append rather than a system call; a crash loses at most a second.
+_BATCH_SECONDS = 1.0
+_BATCH_LINES = 256
 
 
 def _distributed() -> tuple[int, int] | None:
@@ -73,8 +78,9 @@ class JsonLog:
     """A sink that appends one JSON object per new finding to a file.
 
     The file is created (or emptied) when the log is opened, so its presence
-    shows that gradguard ran even when nothing was found. Each record is one
-    append, so several processes sharing a path interleave whole lines.
+    shows that gradguard ran even when nothing was found. Each write appends
+    whole lines, so several processes sharing a path interleave whole lines.
+    A finding is written at once; per-step records are batched.
     """
 
     def __init__(self, path: object, source: str = "log_json") -> None:
@@ -83,6 +89,8 @@ class JsonLog:
         self._file: IO[str] | None = os.fdopen(fd, "w", encoding="utf-8")
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._batch: list[str] = []
+        self._written = time.monotonic()
 
     def __call__(self, finding: Finding, first: bool) -> None:
         """Write ``finding`` if it is new; repeats are only counted, for the summary record."""
@@ -96,16 +104,37 @@ class JsonLog:
         self._append(record(finding))
 
     def write_record(self, obj: dict[str, Any]) -> None:
-        """Append a record that is not a finding (a step's norms), with the rank if any."""
-        self._append(with_rank(dict(obj)))
+        """Queue a record that is not a finding (a step's norms), with the rank if any.
+
+        Queued records are written within a second, before the next finding,
+        and at `close`.
+        """
+        line = json.dumps(with_rank(dict(obj)), ensure_ascii=False) + "\n"
+        with self._lock:
+            if self._file is None:
+                return
+            self._batch.append(line)
+            if (
+                len(self._batch) >= _BATCH_LINES
+                or time.monotonic() - self._written > _BATCH_SECONDS
+            ):
+                self._write_batch()
 
     def _append(self, obj: dict[str, Any]) -> None:
         line = json.dumps(obj, ensure_ascii=False) + "\n"
         with self._lock:
             if self._file is None:
                 return
-            self._file.write(line)
-            self._file.flush()
+            self._batch.append(line)  # after the queued records: the file stays in order
+            self._write_batch()
+
+    def _write_batch(self) -> None:
+        """Write the queued lines in one call; the lock is held."""
+        assert self._file is not None
+        self._file.write("".join(self._batch))
+        self._file.flush()
+        self._batch.clear()
+        self._written = time.monotonic()
 
     def close(self) -> None:
         """Write the summary record if anything was found, then close the file; idempotent.
@@ -120,6 +149,7 @@ class JsonLog:
             self._append(stamp({"event": "summary", "counts": counts}))
         with self._lock:
             if self._file is not None:
+                self._write_batch()
                 self._file.close()
                 self._file = None
 
