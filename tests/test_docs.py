@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import gc
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT
+from test_plot import png_size
 
 import gradguard
 from gradguard._dispatch import add_sink
 from gradguard._findings import CATALOGUE, Finding, make_finding
+from gradguard.cli import main
 
 PAGES = ROOT / "docs" / "findings"
 SECTIONS = (
@@ -107,3 +111,32 @@ def test_pages_are_linked_from_the_readme() -> None:
     readme = Path(ROOT / "README.md").read_text(encoding="utf-8")
     for code in CATALOGUE:
         assert f"[{code}](docs/findings/{code}.md)" in readme
+
+
+def test_readme_shows_the_report_of_its_own_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], subprocess_env: dict[str, str]
+) -> None:
+    """The README's timeline commands, run again, print its summary table and draw its picture."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("$ python -m gradguard run --mode log --record-norms") :]
+    commands = [line[2:] for line in block[: block.index("```")].splitlines()]
+    assert [c.split()[:4] for c in commands] == [
+        ["python", "-m", "gradguard", "run"],
+        ["python", "-m", "gradguard", "report"],
+    ]
+    for command in commands:  # the same commands, writing to tmp_path instead of docs/
+        args = [a.replace("docs/", f"{tmp_path}/") for a in command.split()[1:]]
+        proc = subprocess.run(
+            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+    assert png_size((tmp_path / "timeline.png").read_bytes()) == png_size(
+        (ROOT / "docs" / "timeline.png").read_bytes()
+    )
+    assert "![gradient timeline](docs/timeline.png)" in readme
+    assert (ROOT / "docs" / "timeline.png").stat().st_size < 200_000
+    assert main(["report", str(tmp_path / "run.jsonl")]) == 0
+    out = capsys.readouterr().out.replace(f"{tmp_path}/", "docs/")
+    assert "$ python -m gradguard report docs/run.jsonl\n" + out in readme, (
+        "run the commands in the README's Reports section and paste the table"
+    )
