@@ -115,6 +115,31 @@ def test_a_non_finite_norm_is_null_and_the_log_stays_json(tmp_path: Path) -> Non
     assert [r["code"] for r in _records(path) if "code" in r] == ["GG201"]
 
 
+def test_norms_are_recorded_with_the_numeric_checks_off(tmp_path: Path) -> None:
+    """check_numerics=False turns off GG201 and GG202, not the norms asked for."""
+    path = tmp_path / "run.jsonl"
+    gradguard.install(mode="log", log_json=path)
+    torch.manual_seed(0)
+    net = Net()
+    opt = gradguard.guard(
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        model=net,
+        check_numerics=False,
+        record_norms=True,
+    )
+    for batch in batches(3):
+        opt.zero_grad()
+        (loss_of(net, batch) + (net.head.bias * float("nan")).sum()).backward()
+        opt.step()
+    gradguard.uninstall()
+    records = _records(path)
+    assert [(r["event"], r["step"], r["total"]) for r in records] == [
+        ("norms", 1, None),
+        ("norms", 2, None),
+        ("norms", 3, None),
+    ]
+
+
 def test_norms_are_recorded_every_step_whatever_the_numerics_cadence(tmp_path: Path) -> None:
     """With numerics_every=5 the checks would skip steps; recording norms runs them all."""
     path = tmp_path / "run.jsonl"
