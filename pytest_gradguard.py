@@ -146,21 +146,23 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_SETTINGS] = settings
     if settings.log_json:
-        from gradguard._dispatch import add_sink
+        from gradguard._dispatch import add_record_sink, add_sink
         from gradguard._jsonlog import JsonLog
 
         try:
             log = JsonLog(settings.log_json, settings.log_source)
         except (TypeError, ValueError) as exc:
             raise pytest.UsageError(f"gradguard: {exc}") from None
-        config.stash[_LOG] = (log, add_sink(log))
+        # Records too: a test's guard(..., record_norms=True) writes its norms here.
+        config.stash[_LOG] = (log, (add_sink(log), add_record_sink(log.write_record)))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     entry = config.stash.get(_LOG, None)
     if entry is not None:
-        log, handle = entry
-        handle.remove()
+        log, handles = entry
+        for handle in handles:
+            handle.remove()
         log.close()
 
 

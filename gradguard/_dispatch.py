@@ -29,16 +29,22 @@ false when the finding repeats one already emitted."""
 _SINKS: dict[int, Sink] = {}
 _SINK_IDS = itertools.count()
 
+RecordSink = Callable[[dict[str, Any]], None]
+"""Receives records that are not findings, such as a step's gradient norms."""
+
+_RECORD_SINKS: dict[int, RecordSink] = {}
+
 
 class SinkHandle:
-    """Removes a sink added with `add_sink`; ``remove()`` is idempotent."""
+    """Removes a sink added with `add_sink` or `add_record_sink`; ``remove()`` is idempotent."""
 
-    def __init__(self, key: int) -> None:
+    def __init__(self, key: int, registry: dict[int, Any] = _SINKS) -> None:
         self._key = key
+        self._registry = registry
 
     def remove(self) -> None:
-        """Stop sending findings to the sink."""
-        _SINKS.pop(self._key, None)
+        """Stop sending anything to the sink."""
+        self._registry.pop(self._key, None)
 
 
 def add_sink(sink: Sink) -> SinkHandle:
@@ -51,6 +57,37 @@ def add_sink(sink: Sink) -> SinkHandle:
     key = next(_SINK_IDS)
     _SINKS[key] = sink
     return SinkHandle(key)
+
+
+def add_record_sink(sink: RecordSink) -> SinkHandle:
+    """Send every record that is not a finding (``record_norms``) to ``sink(record)``.
+
+    Such records go to JSON logs only: one per step is too many for a
+    console or for Python warnings.
+    """
+    key = next(_SINK_IDS)
+    _RECORD_SINKS[key] = sink
+    return SinkHandle(key, _RECORD_SINKS)
+
+
+def has_record_sinks() -> bool:
+    """Whether any record sink would receive `emit_record`'s records."""
+    return bool(_RECORD_SINKS)
+
+
+def emit_record(record: dict[str, Any]) -> None:
+    """Hand ``record`` to every record sink; one that raises is removed and logged once."""
+    for key, sink in list(_RECORD_SINKS.items()):
+        try:
+            sink(record)
+        except Exception as exc:
+            _RECORD_SINKS.pop(key, None)
+            _log().error(
+                "sink-error",
+                sink=repr(sink),
+                error=f"{type(exc).__name__}: {exc}",
+                note="gradguard removed this sink; training continues unchanged",
+            )
 
 
 def _notify(finding: Finding, first: bool) -> None:
@@ -105,6 +142,12 @@ class SummaryRow:
     location: str
     params: tuple[str, ...]
     hint: str
+
+    @property
+    def doc(self) -> str:
+        """The page explaining this code, such as ``docs/findings/GG102.md``."""
+        entry = CATALOGUE.get(self.code)
+        return entry.doc if entry is not None else ""
 
 
 class Reporter:

@@ -22,6 +22,14 @@ class Code:
     summary: str
     hint: str
 
+    @property
+    def doc(self) -> str:
+        """The page explaining this code, relative to the repository root."""
+        return f"{DOCS_DIR}/{self.code}.md"
+
+
+DOCS_DIR = "docs/findings"
+"""Where each code's page lives: the bug, the fix, and how to silence it."""
 
 CATALOGUE: dict[str, Code] = {
     c.code: c
@@ -141,7 +149,8 @@ class Finding:
         code: stable code such as ``"GG102"``.
         name: stable kebab-case name such as ``"cleared-before-step"``.
         level: ``"info"``, ``"warning"`` or ``"error"``.
-        message: the full one-line report, code first and fix last.
+        message: the full one-line report, code first, then the fix and the
+            page that explains the code.
         hint: the one-line fix.
         step: the optimizer's step index (1 for its first ``step()`` call).
         optimizer: a label for the optimizer, such as ``"SGD#0"``.
@@ -158,6 +167,12 @@ class Finding:
     optimizer: str
     params: tuple[str, ...]
     location: str
+
+    @property
+    def doc(self) -> str:
+        """The page explaining this finding's code, such as ``docs/findings/GG102.md``."""
+        entry = CATALOGUE.get(self.code)
+        return entry.doc if entry is not None else ""
 
 
 def make_finding(
@@ -178,7 +193,7 @@ def make_finding(
     what = f"{entry.summary} ({detail})" if detail else entry.summary
     message = (
         f"{entry.code} {entry.name}: {what}, at step {step} of {optimizer}{where}, "
-        f"params [{', '.join(_shorten(params))}]. Fix: {entry.hint}."
+        f"params [{', '.join(_shorten(params))}]. Fix: {entry.hint}. See {entry.doc}."
     )
     return Finding(
         code=entry.code,

@@ -19,11 +19,19 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard._checks import StepVerdict, Windows, judge_step
 from gradguard._config import Options, make_options
-from gradguard._dispatch import Reporter, SummaryRow, emit_info
+from gradguard._dispatch import (
+    Reporter,
+    SummaryRow,
+    _log,
+    emit_info,
+    emit_record,
+    has_record_sinks,
+)
 from gradguard._exceptions import GradGuardError
 from gradguard._findings import Finding, make_finding
 from gradguard._health import (
     Cadence,
+    ModuleNorms,
     NormHistory,
     Readback,
     grad_norms,
@@ -92,6 +100,7 @@ class Guard:
         self._windows = Windows(options.accumulation_steps)
         self._norms = NormHistory(options.explode_factor, options.max_grad_norm)
         self._cadence = Cadence(options.numerics_every)
+        self._module_norms: tuple[list[tuple[int, int]], ModuleNorms] | None = None
         self._opt_ref = weakref.ref(optimizer, self._optimizer_collected)
         self._slots: dict[int, Slot] = {}
         self._shape: list[tuple[int, int]] = []
@@ -209,7 +218,7 @@ class Guard:
         window = self._windows.judge(verdict)
         if window is not None:
             self._report(window[0], window[1], location, self._step, window[2])
-        if self.options.check_numerics and verdict.with_grad:
+        if (self.options.check_numerics or self.options.record_norms) and verdict.with_grad:
             self._check_numerics(opt, verdict.with_grad, location)
         self._judge_models(entries, verdict, location)
 
@@ -267,9 +276,13 @@ class Guard:
     def _check_numerics(
         self, opt: torch.optim.Optimizer, params: list[torch.Tensor], location: Location
     ) -> None:
-        """GG201/GG202 from one batched norm per step, read back without a sync."""
+        """GG201/GG202 from one batched norm per step, read back without a sync.
+
+        With ``record_norms`` the same norms are recorded, so the pass runs
+        every step whatever the cadence.
+        """
         grads: list[torch.Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        if not self._cadence.due(grads):
+        if not self._cadence.due(grads) and not self.options.record_norms:
             return
         # A fused optimizer under a GradScaler steps on still-scaled gradients;
         # the scaler leaves its scale and found-inf flag on the optimizer.
@@ -283,7 +296,10 @@ class Guard:
 
         def resolve(values: list[float], params: list[torch.Tensor | None]) -> None:
             *norms, skip = values
-            self._numerics(params, norms, skip != 0, step, location)
+            if self.options.record_norms and not skip:
+                self._record_norms(params, norms, step)  # first: a strict finding raises
+            if self.options.check_numerics:
+                self._numerics(params, norms, skip != 0, step, location)
 
         self._defer(readback, params, resolve)
 
@@ -304,6 +320,30 @@ class Guard:
         if why is not None:
             top = [params[i] for i in largest_shares(norms)]
             self._report("GG202", [p for p in top if p is not None], location, step, why)
+
+    def _record_norms(
+        self, params: list[torch.Tensor | None], norms: list[float], step: int
+    ) -> None:
+        """Send the step's total and per-module gradient norms to the JSON logs."""
+        if not has_record_sinks():
+            return
+        if self._module_norms is None or self._module_norms[0] != self._shape:
+            # A changed optimizer may reuse a freed parameter's id.
+            self._module_norms = (list(self._shape), ModuleNorms())
+        groups = self._module_norms[1]
+        missing = groups.missing(params)
+        if missing:
+            groups.add(missing, self._names(missing))
+        total, modules = groups.aggregate(params, norms)
+        emit_record(
+            {
+                "event": "norms",
+                "step": step,
+                "optimizer": self.optimizer,
+                "total": total,
+                "modules": modules,
+            }
+        )
 
     def _defer_zero(
         self,
@@ -544,19 +584,22 @@ def attach(
     model: nn.Module | Iterable[nn.Module] | None = None,
     mode: str | None = None,
     ignore: Iterable[str] | None = None,
+    record_norms: bool | None = None,
     judge_first_step: bool = True,
     **options: Any,
 ) -> Guard:
     """Validate the arguments and return the optimizer's guard, creating it if needed.
 
-    ``mode`` and ``ignore`` left as ``None`` come from the active `install`
-    session (the runner, the pytest plugin), else ``"warn"`` and nothing.
+    ``mode``, ``ignore`` and ``record_norms`` left as ``None`` come from the
+    active `install` session (the runner, the pytest plugin), else
+    ``"warn"``, nothing and ``False``.
     """
     opt = _check_optimizer(optimizer)
-    default_mode, default_ignore = session_defaults()
+    defaults = session_defaults()
     checked = make_options(
-        mode=default_mode if mode is None else mode,
-        ignore=default_ignore if ignore is None else ignore,
+        mode=defaults.mode if mode is None else mode,
+        ignore=defaults.ignore if ignore is None else ignore,
+        record_norms=defaults.record_norms if record_norms is None else record_norms,
         **options,
     )
     models = _models(model)
@@ -566,6 +609,13 @@ def attach(
             return existing
         g = Guard(opt, models=models, options=checked, judge_first_step=judge_first_step)
         _GUARDS[opt] = g
+    if checked.record_norms and not has_record_sinks():
+        _log().warning(
+            "record-norms-without-log",
+            optimizer=g.optimizer,
+            note="record_norms=True writes to a JSON log, and none is open; start one with "
+            "gradguard.install(log_json=PATH) or gradguard run --log-json PATH",
+        )
     return g
 
 
@@ -581,6 +631,7 @@ def guard(
     explode_factor: float = 10.0,
     max_grad_norm: float | None = None,
     unused_after: int = 20,
+    record_norms: bool | None = None,
 ) -> OptimizerT:
     """Watch ``optimizer`` for gradient-handling bugs and return it unchanged.
 
@@ -607,6 +658,12 @@ def guard(
         max_grad_norm: GG202 also fires above this absolute total norm.
         unused_after: steps after which a parameter that never received a
             gradient is reported (GG301).
+        record_norms: write every step's total gradient norm and its norm
+            per top-level module (the 8 largest, the rest as ``"(other)"``)
+            to the open JSON logs (`gradguard.install` with ``log_json=``,
+            ``gradguard run --log-json``), for ``gradguard report --plot``.
+            Computed in the same batched pass as the numeric checks, which
+            then run every step. Omitted, the active session's setting.
 
     Raises:
         TypeError: ``optimizer`` is not an optimizer (a model, ``None``, ...),
@@ -624,6 +681,7 @@ def guard(
         explode_factor=explode_factor,
         max_grad_norm=max_grad_norm,
         unused_after=unused_after,
+        record_norms=record_norms,
     )
     return optimizer
 
@@ -641,6 +699,7 @@ def guarding(
     explode_factor: float = 10.0,
     max_grad_norm: float | None = None,
     unused_after: int = 20,
+    record_norms: bool | None = None,
 ) -> Iterator[Guard]:
     """Guard ``optimizer`` inside a ``with`` block; every hook is removed on exit, even on error.
 
@@ -661,6 +720,7 @@ def guarding(
         explode_factor=explode_factor,
         max_grad_norm=max_grad_norm,
         unused_after=unused_after,
+        record_norms=record_norms,
     )
     try:
         yield g

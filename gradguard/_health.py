@@ -164,3 +164,70 @@ class Cadence:
         if len(grads) <= self.per_step or grads[0].device.type != "cpu":
             return 1
         return math.ceil(len(grads) / self.per_step)
+
+
+class ModuleNorms:
+    """Groups per-parameter norms by the model's top-level module, on the host.
+
+    A parameter named ``encoder.0.weight`` belongs to ``encoder``. With more
+    than ``limit`` modules, the ``limit`` largest (by parameter count) are kept
+    and the rest are folded into ``"(other)"``, so every step shows the same
+    lines and the squares of the module norms still add up to the total.
+    """
+
+    OTHER = "(other)"
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._group: dict[int, int] = {}  # id(param) -> index into _names
+        self._names: list[str] = []
+        self._sizes: list[int] = []
+        self._shown: list[str] | None = None  # per group: the name it is shown under
+
+    def missing(self, params: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The parameters among ``params`` whose module is not known yet."""
+        return [p for p in params if p is not None and id(p) not in self._group]
+
+    def add(self, params: list[torch.Tensor], names: tuple[str, ...]) -> None:
+        """Learn the modules of ``params`` from their qualified ``names``."""
+        index = {n: i for i, n in enumerate(self._names)}
+        for p, name in zip(params, names, strict=True):
+            module = name.split(".", 1)[0]
+            i = index.get(module)
+            if i is None:
+                i = index[module] = len(self._names)
+                self._names.append(module)
+                self._sizes.append(0)
+            self._group[id(p)] = i
+            self._sizes[i] += p.numel()
+        self._shown = None
+
+    def aggregate(
+        self, params: list[torch.Tensor | None], norms: list[float]
+    ) -> tuple[float | None, dict[str, float | None]]:
+        """The total norm and each module's, ``None`` where not finite (JSON has no NaN)."""
+        shown = self._shown if self._shown is not None else self._pick()
+        squares: dict[str, float] = {}
+        total = 0.0
+        for p, n in zip(params, norms, strict=True):
+            sq = n * n
+            total += sq
+            i = self._group.get(id(p)) if p is not None else None
+            name = shown[i] if i is not None else self.OTHER
+            squares[name] = squares.get(name, 0.0) + sq
+        order = sorted(squares, key=lambda name: name == self.OTHER)
+        return _finite_sqrt(total), {name: _finite_sqrt(squares[name]) for name in order}
+
+    def _pick(self) -> list[str]:
+        if len(self._names) <= self.limit:
+            shown = list(self._names)
+        else:
+            largest = sorted(range(len(self._names)), key=lambda i: -self._sizes[i])
+            keep = set(largest[: self.limit])
+            shown = [n if i in keep else self.OTHER for i, n in enumerate(self._names)]
+        self._shown = shown
+        return shown
+
+
+def _finite_sqrt(square: float) -> float | None:
+    return math.sqrt(square) if math.isfinite(square) else None

@@ -1,8 +1,11 @@
 """The JSON-lines file: one object per finding, for log shippers and CI artefacts.
 
-Every record holds ``code``, ``event``, ``level``, ``step``, ``optimizer``,
-``params``, ``location``, ``hint``, ``message`` and ``timestamp``, plus
-``rank`` and ``world_size`` when ``torch.distributed`` is initialised.
+Every finding record holds ``code``, ``event``, ``level``, ``step``,
+``optimizer``, ``params``, ``location``, ``hint``, ``doc``, ``message`` and
+``timestamp``, plus ``rank`` and ``world_size`` when ``torch.distributed`` is
+initialised. When the log closes after findings, one ``"event": "summary"``
+record gives how often each code fired, repeats included, for
+``gradguard report``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import datetime
 import json
 import os
 import threading
+import time
 from typing import IO, Any
 
 import torch
@@ -18,6 +22,10 @@ import torch
 from gradguard._findings import Finding
 
 RANK_PLACEHOLDER = "{rank}"
+# Per-step records (record_norms) are written in batches, so that a step pays
+# for a list append rather than a system call; a crash loses at most a second.
+_BATCH_SECONDS = 1.0
+_BATCH_LINES = 256
 
 
 def _distributed() -> tuple[int, int] | None:
@@ -70,8 +78,9 @@ class JsonLog:
     """A sink that appends one JSON object per new finding to a file.
 
     The file is created (or emptied) when the log is opened, so its presence
-    shows that gradguard ran even when nothing was found. Each record is one
-    append, so several processes sharing a path interleave whole lines.
+    shows that gradguard ran even when nothing was found. Each write appends
+    whole lines, so several processes sharing a path interleave whole lines.
+    A finding is written at once; per-step records are batched.
     """
 
     def __init__(self, path: object, source: str = "log_json") -> None:
@@ -79,25 +88,68 @@ class JsonLog:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         self._file: IO[str] | None = os.fdopen(fd, "w", encoding="utf-8")
         self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._batch: list[str] = []
+        self._written = time.monotonic()
 
     def __call__(self, finding: Finding, first: bool) -> None:
-        """Write ``finding`` if it is new; repeats are counted in the summary only."""
+        """Write ``finding`` if it is new; repeats are only counted, for the summary record."""
+        with self._lock:
+            self._counts[finding.code] = self._counts.get(finding.code, 0) + 1
         if first:
             self.write(finding)
 
     def write(self, finding: Finding) -> None:
         """Append ``finding`` as one line."""
-        line = json.dumps(record(finding), ensure_ascii=False) + "\n"
+        self._append(record(finding))
+
+    def write_record(self, obj: dict[str, Any]) -> None:
+        """Queue a record that is not a finding (a step's norms), with the rank if any.
+
+        Queued records are written within a second, before the next finding,
+        and at `close`.
+        """
+        line = json.dumps(with_rank(dict(obj)), ensure_ascii=False) + "\n"
         with self._lock:
             if self._file is None:
                 return
-            self._file.write(line)
-            self._file.flush()
+            self._batch.append(line)
+            if (
+                len(self._batch) >= _BATCH_LINES
+                or time.monotonic() - self._written > _BATCH_SECONDS
+            ):
+                self._write_batch()
+
+    def _append(self, obj: dict[str, Any]) -> None:
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        with self._lock:
+            if self._file is None:
+                return
+            self._batch.append(line)  # after the queued records: the file stays in order
+            self._write_batch()
+
+    def _write_batch(self) -> None:
+        """Write the queued lines in one call; the lock is held."""
+        assert self._file is not None
+        self._file.write("".join(self._batch))
+        self._file.flush()
+        self._batch.clear()
+        self._written = time.monotonic()
 
     def close(self) -> None:
-        """Flush and close the file; idempotent."""
+        """Write the summary record if anything was found, then close the file; idempotent.
+
+        A file holding findings but no summary comes from a run that did not
+        finish; ``gradguard report`` then counts each distinct finding once.
+        """
+        with self._lock:
+            counts = dict(sorted(self._counts.items())) if self._file is not None else {}
+            self._counts.clear()
+        if counts:
+            self._append(stamp({"event": "summary", "counts": counts}))
         with self._lock:
             if self._file is not None:
+                self._write_batch()
                 self._file.close()
                 self._file = None
 
@@ -113,11 +165,24 @@ def record(finding: Finding) -> dict[str, Any]:
         "params": list(finding.params),
         "location": finding.location,
         "hint": finding.hint,
+        "doc": finding.doc,
         "message": finding.message,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc)
-        .isoformat(timespec="microseconds")
-        .replace("+00:00", "Z"),
     }
+    return stamp(out)
+
+
+def stamp(out: dict[str, Any]) -> dict[str, Any]:
+    """Add the ``timestamp`` and, under ``torch.distributed``, ``rank`` and ``world_size``."""
+    out["timestamp"] = (
+        datetime.datetime.now(datetime.timezone.utc)
+        .isoformat(timespec="microseconds")
+        .replace("+00:00", "Z")
+    )
+    return with_rank(out)
+
+
+def with_rank(out: dict[str, Any]) -> dict[str, Any]:
+    """Add ``rank`` and ``world_size`` when ``torch.distributed`` is initialised."""
     dist = _distributed()
     if dist is not None:
         out["rank"], out["world_size"] = dist

@@ -16,7 +16,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO
 
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -26,12 +26,14 @@ from gradguard._dispatch import (
     SinkHandle,
     SummaryRow,
     _log,
+    add_record_sink,
     add_sink,
     validate_codes,
     validate_mode,
 )
 from gradguard._findings import Finding
 from gradguard._jsonlog import JsonLog
+from gradguard._report import plural, render_table, wants_colour, width_for
 
 if TYPE_CHECKING:
     import torch
@@ -56,16 +58,25 @@ def validate_setting(value: object, source: str = "mode") -> Setting:
     return validate_mode(value, source)
 
 
-def session_defaults() -> tuple[Mode, frozenset[str]]:
-    """The innermost active session's mode and ignored codes, else ``("warn", {})``.
+class Defaults(NamedTuple):
+    """What a guard created without these arguments takes from the active session."""
 
-    A guard created without ``mode=`` under ``gradguard run --mode strict``
-    is strict: the command line decides what the code left open.
+    mode: Mode
+    ignore: frozenset[str]
+    record_norms: bool
+
+
+def session_defaults() -> Defaults:
+    """The innermost active session's mode, ignored codes and ``record_norms``.
+
+    Without a session: ``"warn"``, nothing and ``False``. A guard created
+    without ``mode=`` under ``gradguard run --mode strict`` is strict: the
+    command line decides what the code left open.
     """
     if _ACTIVE:
         session = _ACTIVE[-1]
-        return session.mode, session.ignore
-    return "warn", frozenset()
+        return Defaults(session.mode, session.ignore, session.record_norms)
+    return Defaults("warn", frozenset(), False)
 
 
 class Session:
@@ -83,10 +94,16 @@ class Session:
         ignore: frozenset[str] = frozenset(),
         log_json: object = None,
         verbose: bool = False,
+        record_norms: bool = False,
     ) -> None:
+        if record_norms and log_json is None:
+            raise ValueError(
+                "record_norms=True needs log_json=PATH: the norms are written to the JSON log"
+            )
         self.mode: Mode = mode
         self.ignore = ignore
         self.verbose = verbose
+        self.record_norms = record_norms
         self.findings: list[Finding] = []
         self.optimizers = 0
         self._counts: dict[str, int] = {}
@@ -111,6 +128,7 @@ class Session:
         self._sinks.append(add_sink(self._on_finding))
         if self._log is not None:
             self._sinks.append(add_sink(self._log))
+            self._sinks.append(add_record_sink(self._log.write_record))
         self._hook = register_optimizer_step_pre_hook(self._discover)
         with _LOCK:
             _ACTIVE.append(self)
@@ -156,7 +174,13 @@ class Session:
             from gradguard._guard import attach, guard_of
 
             if guard_of(opt) is None:
-                g = attach(opt, mode=self.mode, ignore=self.ignore, judge_first_step=False)
+                g = attach(
+                    opt,
+                    mode=self.mode,
+                    ignore=self.ignore,
+                    record_norms=self.record_norms,
+                    judge_first_step=False,
+                )
                 self._owned.add(g)
         except Exception as exc:  # never break the user's step
             _log().error(
@@ -193,29 +217,36 @@ class Session:
 
     def print_summary(self, file: TextIO | None = None) -> None:
         """Write the summary to stderr; nothing when nothing was found, unless verbose."""
-        text = format_summary(self.summary(), self.mode, self.optimizers, self.verbose)
+        stream = sys.stderr if file is None else file
+        text = format_summary(
+            self.summary(),
+            self.mode,
+            self.optimizers,
+            self.verbose,
+            colour=wants_colour(stream),
+            width=width_for(stream),
+        )
         if text:
-            print(text, file=sys.stderr if file is None else file, flush=True)
+            print(text, file=stream, flush=True)
 
 
-def format_summary(rows: list[SummaryRow], mode: str, optimizers: int, verbose: bool) -> str:
-    """The end-of-run summary: per code the count, the first place and the fix."""
+def format_summary(
+    rows: list[SummaryRow],
+    mode: str,
+    optimizers: int,
+    verbose: bool,
+    *,
+    colour: bool = False,
+    width: int = 100,
+) -> str:
+    """The end-of-run summary: a title, then the table ``gradguard report`` prints too."""
     if not rows:
         if not verbose:
             return ""
-        noun = "optimizer" if optimizers == 1 else "optimizers"
-        return f"gradguard: no findings (mode={mode}, {optimizers} {noun} watched)"
+        return f"gradguard: no findings (mode={mode}, {plural(optimizers, 'optimizer')} watched)"
     total = sum(r.count for r in rows)
-    lines = [f"gradguard: {total} finding{'s' if total != 1 else ''} (mode={mode})"]
-    for r in rows:
-        where = f" at {r.location}" if r.location else ""
-        params = f", params [{', '.join(r.params[:4])}{', ...' if len(r.params) > 4 else ''}]"
-        lines.append(
-            f"  {r.code} {r.name} x{r.count}, first{where}, step {r.first_step}"
-            f"{params if r.params else ''}"
-        )
-        lines.append(f"      Fix: {r.hint}.")
-    return "\n".join(lines)
+    title = f"gradguard: {plural(total, 'finding')} (mode={mode})"
+    return title + "\n" + render_table(rows, colour=colour, width=width)
 
 
 def install(
@@ -223,6 +254,7 @@ def install(
     *,
     log_json: object = None,
     ignore: Iterable[str] | str | None = None,
+    record_norms: bool = False,
 ) -> None:
     """Guard every optimizer this process steps from now on, with no other code change.
 
@@ -236,14 +268,24 @@ def install(
         log_json: a file to receive one JSON object per finding per line; a
             ``{rank}`` in it becomes the process's rank. Created now.
         ignore: finding codes to silence, as a list or ``"GG101,GG103"``.
+        record_norms: also write every step's gradient norms, total and per
+            top-level module, to ``log_json`` (``gradguard report --plot``).
 
     Raises:
-        ValueError: unknown mode or code, or ``log_json`` in a missing directory.
+        TypeError: ``record_norms`` is not a bool.
+        ValueError: unknown mode or code, ``log_json`` in a missing directory,
+            or ``record_norms`` without ``log_json``.
     """
     setting = validate_setting(mode)
     codes = validate_codes(ignore)
+    if not isinstance(record_norms, bool):
+        raise TypeError(f"record_norms must be True or False; got {record_norms!r}")
     # Built first: a bad argument must leave any current session running.
-    session = None if setting == "off" else Session(setting, ignore=codes, log_json=log_json)
+    session = (
+        None
+        if setting == "off"
+        else Session(setting, ignore=codes, log_json=log_json, record_norms=record_norms)
+    )
     uninstall()
     if session is None:
         return

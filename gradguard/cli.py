@@ -1,8 +1,12 @@
-"""``gradguard run``: guard every optimizer of a script or module without editing it.
+"""The ``gradguard`` command: ``run`` a script with every optimizer guarded, ``report`` on a log.
 
-The script runs as ``__main__`` exactly as ``python script.py`` would run it:
-same ``sys.argv``, ``sys.path[0]``, ``__file__``, tracebacks and exit code.
-gradguard writes only to stderr, so the script's stdout is unchanged.
+``gradguard run``: the script runs as ``__main__`` exactly as ``python
+script.py`` would run it: same ``sys.argv``, ``sys.path[0]``, ``__file__``,
+tracebacks and exit code. gradguard writes only to stderr, so the script's
+stdout is unchanged.
+
+``gradguard report``: the summary table of one or more JSON-lines logs, and
+optionally the gradient timeline as a picture.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import zipfile
 from collections.abc import Callable, Sequence
 from importlib.machinery import SourceFileLoader
 
+from gradguard import _plot
 from gradguard._dispatch import validate_codes
 from gradguard._exceptions import GradGuardError
 from gradguard._jsonlog import resolve_path
 from gradguard._naming import _is_internal
+from gradguard._report import ReportError, expand, load, report_text, wants_colour, width_for
 from gradguard._session import SETTINGS, Session, validate_setting
 
 ENV_VAR = "GRADGUARD"
@@ -34,7 +40,7 @@ _RUNNER_FILES = frozenset({__file__, runpy.__file__, "<frozen runpy>"})
 Runner = Callable[[], None]
 
 
-def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(
         prog="gradguard",
         description="Catch gradient-handling bugs in PyTorch training loops while they run.",
@@ -71,12 +77,39 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--ignore", metavar="CODES", help="finding codes to silence, e.g. GG103 or GG101,GG103"
     )
     run.add_argument(
+        "--record-norms",
+        action="store_true",
+        help="also write every step's gradient norms (total and per top-level module) to "
+        "the --log-json file",
+    )
+    run.add_argument(
         "--verbose", action="store_true", help="print the summary even when nothing was found"
     )
     run.add_argument("-m", dest="module", metavar="module", help="run a library module as a script")
     run.add_argument("script", nargs="?", help="the script to run")
     run.add_argument("args", nargs="*", help="the script's own arguments")
-    return parser, run
+    report = sub.add_parser(
+        "report",
+        help="summarise JSON-lines logs as a table, and plot the gradient timeline",
+        description=(
+            "Print the findings of one or more gradguard JSON-lines logs (one per rank, "
+            "merged) as a table: code, name, count, first step, first location, "
+            "parameters and the fix."
+        ),
+    )
+    report.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="JSON-lines logs written by --log-json; a quoted glob such as 'run-*.jsonl' works",
+    )
+    report.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw the gradient norms per step, with each finding marked, to this file "
+        '(needs matplotlib: pip install "gradguard[plot]")',
+    )
+    return parser, run, report
 
 
 def _split(tokens: list[str]) -> tuple[list[str], str | None, str | None, list[str]]:
@@ -111,7 +144,9 @@ def _split(tokens: list[str]) -> tuple[list[str], str | None, str | None, list[s
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradguard`` command; returns the exit status."""
     tokens = list(sys.argv[1:] if argv is None else argv)
-    parser, run_parser = _parsers()
+    parser, run_parser, report_parser = _parsers()
+    if tokens and tokens[0] == "report":
+        return _report(report_parser.parse_args(tokens[1:]))
     if not tokens or tokens[0] != "run":
         parser.parse_args(tokens)  # --help, --version, or a usage error
         parser.print_usage(sys.stderr)
@@ -132,10 +167,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         codes = validate_codes(opts.ignore, "--ignore")
         if opts.log_json is not None:
             resolve_path(opts.log_json, "--log-json")
+        elif opts.record_norms:
+            raise ValueError("--record-norms needs --log-json PATH: the norms go to that file")
         session = (
             None
             if mode == "off"
-            else Session(mode, ignore=codes, log_json=opts.log_json, verbose=opts.verbose)
+            else Session(
+                mode,
+                ignore=codes,
+                log_json=opts.log_json,
+                verbose=opts.verbose,
+                record_norms=opts.record_norms,
+            )
         )
     except (TypeError, ValueError) as exc:
         run_parser.error(str(exc))
@@ -146,6 +189,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             session.stop()
         return runner
     return _execute(runner, session, mode)
+
+
+def _report(opts: argparse.Namespace) -> int:
+    """``gradguard report``: print the table to stdout; draw the timeline if asked."""
+    if opts.plot is not None:
+        if _plot.load_pyplot() is None:
+            print(
+                f"gradguard report: --plot needs matplotlib; install it with: {_plot.INSTALL_HINT}",
+                file=sys.stderr,
+            )
+            return 2
+        directory = os.path.dirname(opts.plot) or "."
+        if not os.path.isdir(directory):
+            print(
+                f"gradguard report: --plot {opts.plot}: directory {directory!r} does not exist",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        run = load(expand(opts.paths))
+    except ReportError as exc:
+        print(f"gradguard report: {exc}", file=sys.stderr)
+        return 2
+    colour, width = wants_colour(sys.stdout), width_for(sys.stdout)
+    print(report_text(run, colour=colour, width=width, plotting=opts.plot is not None))
+    if opts.plot is not None:
+        if not run.norms:
+            print(
+                "gradguard report: no gradient norms in the log to plot; record them with "
+                "gradguard run --record-norms --log-json PATH (or record_norms=True)",
+                file=sys.stderr,
+            )
+            return 1
+        _plot.timeline(run, opts.plot)
+        print(f"timeline written to {opts.plot}")
+    return 0
 
 
 def _execute(runner: Runner, session: Session | None, mode: str) -> int:

@@ -26,6 +26,7 @@ FIELDS = {
     "params",
     "location",
     "hint",
+    "doc",
     "message",
     "timestamp",
 }
@@ -53,12 +54,12 @@ def test_json_log_is_created_at_install_even_without_findings(tmp_path: Path) ->
 
 
 def test_json_log_holds_one_line_per_finding_with_every_field(tmp_path: Path) -> None:
-    """Each distinct finding is one JSON object on one line, with the documented fields."""
+    """Each distinct finding is one JSON object on one line, then a summary counts repeats."""
     path = tmp_path / "gg.jsonl"
     gradguard.install(mode="log", log_json=str(path))
     train(bug=True, steps=4)
     gradguard.uninstall()
-    (record,) = _records(path)
+    record, summary = _records(path)
     assert set(record) == FIELDS
     assert record["code"] == "GG102"
     assert record["event"] == "cleared-before-step"
@@ -68,8 +69,11 @@ def test_json_log_holds_one_line_per_finding_with_every_field(tmp_path: Path) ->
     assert record["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert str(record["location"]).endswith(f"loops.py:{step_lineno()}")
     assert str(record["message"]).startswith("GG102 cleared-before-step:")
-    assert str(record["message"]).endswith(f"Fix: {record['hint']}.")
+    assert str(record["message"]).endswith(f"Fix: {record['hint']}. See {record['doc']}.")
+    assert record["doc"] == "docs/findings/GG102.md"
     assert str(record["timestamp"]).endswith("Z")
+    assert set(summary) == {"event", "counts", "timestamp"}
+    assert (summary["event"], summary["counts"]) == ("summary", {"GG102": 3})
 
 
 def test_json_log_in_a_missing_directory_is_rejected_at_the_call(tmp_path: Path) -> None:
@@ -94,9 +98,10 @@ def test_rank_placeholder_and_fields_under_a_process_group(
         gradguard.uninstall()
     finally:
         dist.destroy_process_group()
-    (record,) = _records(tmp_path / "gg-0.jsonl")
+    record, summary = _records(tmp_path / "gg-0.jsonl")
     assert set(record) == FIELDS | {"rank", "world_size"}
     assert (record["rank"], record["world_size"]) == (0, 1)
+    assert (summary["event"], summary["rank"], summary["world_size"]) == ("summary", 0, 1)
 
 
 def test_rank_placeholder_uses_the_launchers_rank_before_the_group_exists(

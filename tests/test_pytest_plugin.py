@@ -187,8 +187,10 @@ def test_warn_mode_lists_findings_in_the_warnings_summary_and_json_log(
     result.stdout.fnmatch_lines(
         ["*warnings summary*", "*ClearedBeforeStepWarning: GG102 cleared-before-step*"]
     )
-    (record,) = [json.loads(line) for line in (pytester.path / "gg.jsonl").read_text().splitlines()]
+    lines = (pytester.path / "gg.jsonl").read_text().splitlines()
+    record, summary = [json.loads(line) for line in lines]
     assert (record["code"], record["params"]) == ("GG102", ["weight", "bias"])
+    assert (summary["event"], summary["counts"]) == ("summary", {"GG102": 2})
 
 
 def test_loading_the_plugin_imports_neither_torch_nor_gradguard(
@@ -207,3 +209,29 @@ def test_nothing_heavy_was_imported():
     )
     result = _run(pytester)
     result.assert_outcomes(passed=1)
+
+
+def test_record_norms_in_a_test_goes_to_the_runs_json_log(pytester: pytest.Pytester) -> None:
+    """A test's guard(..., record_norms=True) writes one norms record per step to the run's log."""
+    pytester.makepyfile(
+        """
+import gradguard
+import torch
+
+
+def test_trains():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    opt = gradguard.guard(torch.optim.SGD(model.parameters(), lr=0.1), record_norms=True)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 2)).pow(2).mean().backward()
+        opt.step()
+"""
+    )
+    result = _run(pytester, "--gradguard=log", "--gradguard-log-json=gg.jsonl")
+    result.assert_outcomes(passed=1)
+    records = [json.loads(line) for line in (pytester.path / "gg.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["step"], list(r["modules"])) for r in records] == [
+        ("norms", step, ["weight", "bias"]) for step in (1, 2, 3)
+    ]

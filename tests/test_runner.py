@@ -27,6 +27,7 @@ JSON_FIELDS = {
     "params",
     "location",
     "hint",
+    "doc",
     "message",
     "timestamp",
 }
@@ -75,7 +76,7 @@ def test_strict_flagship_exits_nonzero_with_the_finding_last(
     assert proc.stdout == ""
     last = proc.stderr.rstrip("\n").splitlines()[-1]
     assert last.startswith("GG102 cleared-before-step: ")
-    assert last.endswith("never clear between backward() and step().")
+    assert last.endswith("never clear between backward() and step(). See docs/findings/GG102.md.")
     assert f'File "{ROOT / FLAGSHIP}", line 34, in <module>' in proc.stderr
 
 
@@ -87,8 +88,9 @@ def test_log_mode_writes_the_json_line_and_leaves_stdout_alone(
     proc = _python("-m", "gradguard", "run", "--mode", "log", "--log-json", str(out), FLAGSHIP)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == tutorial_stdout
-    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    record, summary = [json.loads(line) for line in out.read_text().splitlines()]
     assert set(record) == JSON_FIELDS
+    assert (summary["event"], summary["counts"]) == ("summary", {"GG102": 100})
     assert (record["code"], record["step"], record["location"]) == ("GG102", 1, f"{FLAGSHIP}:34")
     assert record["params"] == ["linear.weight", "linear.bias"]
 
@@ -103,8 +105,18 @@ def test_unguarded_tutorial_gives_the_same_finding(
     assert f"{UNGUARDED}:33: ClearedBeforeStepWarning: GG102 cleared-before-step" in proc.stderr
     assert "params [linear.weight, linear.bias]" in proc.stderr
     summary = proc.stderr[proc.stderr.index("gradguard: 99 findings (mode=warn)") :]
-    assert f"GG102 cleared-before-step x99, first at {UNGUARDED}:33, step 2" in summary
-    assert "Fix: move zero_grad() before loss.backward()" in summary
+    header, row, fix = summary.splitlines()[1:4]
+    assert header.split("  ")[0] == "code"
+    assert row.split() == [
+        "GG102",
+        "cleared-before-step",
+        "99",
+        "2",
+        f"{UNGUARDED}:33",
+        "linear.weight,",
+        "linear.bias",
+    ]
+    assert fix.strip().startswith("fix: move zero_grad() before loss.backward()")
 
 
 @pytest.mark.parametrize("how", ["raise", "exit"])
