@@ -199,8 +199,10 @@ class Guard:
             zero_applied, self._zero_applied = self._zero_applied, set()
             for param, slot in entries:
                 slot.on_applied(param)
-                if id(param) in zero_applied:
-                    slot.applied = False
+            if zero_applied:
+                for param, slot in entries:
+                    if id(param) in zero_applied:
+                        slot.applied = False
         except Exception as exc:
             self._fail(exc, "the step post-hook")
 

@@ -123,15 +123,24 @@ class Slot:
     def on_applied(self, param: torch.Tensor) -> None:
         """A step just consumed ``param.grad``."""
         grad = param.grad
-        # Only backward output (fresh, re-applied, or assigned by hand where we
-        # could not see it made) counts; zeros left by a clear are no content.
-        self.applied = grad is not None and (
-            self.fresh > 0 or self.applied or self.ref is None or self.ref() is not grad
-        )
+        fresh = self.fresh
         self.fresh = 0
         self.stale = False
         self.discarded = 0
-        self.see(grad)
+        if grad is None:
+            self.applied = False
+            self.ref = None
+            self.version = -1
+            return
+        # `see` inlined: this runs per parameter at every step.
+        ref = self.ref
+        held = ref is not None and ref() is grad
+        # Only backward output (fresh, re-applied, or assigned by hand where we
+        # could not see it made) counts; zeros left by a clear are no content.
+        self.applied = fresh > 0 or self.applied or not held
+        if not held:
+            self.ref = weakref.ref(grad)
+        self.version = grad._version
 
     def see(self, grad: torch.Tensor | None) -> None:
         """Remember ``grad`` as the object currently in ``.grad``."""
