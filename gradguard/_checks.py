@@ -60,17 +60,32 @@ class StepVerdict:
 def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
     """Sort the parameters a step is about to apply into a `StepVerdict`."""
     verdict = StepVerdict()
+    trainable = any_fresh = False
     for param, slot in entries:
         if not param.requires_grad:
             continue  # frozen: the optimizer skips or merely decays it
-        verdict.trainable = True
+        trainable = True
         grad = param.grad
         if slot.fresh:
+            # The usual case, decided inline because this runs per parameter
+            # at every step: backward's gradient, untouched since.
+            ref = slot.ref
+            if (
+                grad is not None
+                and not slot.stale
+                and ref is not None
+                and ref() is grad
+                and grad._version == slot.version
+            ):
+                any_fresh = True
+                continue
             _judge_fresh(verdict, param, slot, grad)
         elif slot.discarded:
             verdict.cleared.append(param)
         elif grad is not None:
             _judge_unchanged(verdict, param, slot, grad)
+    verdict.trainable = trainable
+    verdict.any_fresh = verdict.any_fresh or any_fresh
     return verdict
 
 
