@@ -252,7 +252,7 @@ WORKLOADS = {
             _lm,
             block=3,
             rounds=10,
-            quick=(2, 2),
+            quick=(1, 2),
             slow=True,
         ),
         Workload(

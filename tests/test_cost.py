@@ -176,8 +176,8 @@ def test_the_counter_sees_syncs_and_in_place_foreach_changes():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("loop", list(LOOPS))
-def test_no_cuda_sync_in_warn_mode(loop):
-    """On CUDA, a guarded step passes with ``set_sync_debug_mode("error")``."""
+def test_no_cuda_sync_in_log_mode(loop):
+    """On CUDA, a guarded step runs under ``set_sync_debug_mode("error")`` without error."""
     torch.manual_seed(0)
     model = chain(10).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
