@@ -68,10 +68,11 @@ class StepVerdict:
 def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
     """Sort the parameters a step is about to apply into a `StepVerdict`."""
     verdict = StepVerdict()
+    trainable = any_fresh = False
     for param, slot in entries:
         if not param.requires_grad:
             continue  # frozen: the optimizer skips or merely decays it
-        verdict.trainable = True
+        trainable = True
         grad = param.grad
         if grad is not None and not grad.is_sparse:
             verdict.with_grad.append(param)
@@ -80,11 +81,26 @@ def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
         if slot.fresh > verdict.micro_batches:
             verdict.micro_batches = slot.fresh
         if slot.fresh:
+            # The usual case, decided inline because this runs per parameter
+            # at every step: backward's gradient, untouched since.
+            ref = slot.ref
+            if (
+                grad is not None
+                and not slot.stale
+                and ref is not None
+                and ref() is grad
+                and grad._version == slot.version
+            ):
+                any_fresh = True
+                verdict.fresh.append(param)
+                continue
             _judge_fresh(verdict, param, slot, grad)
         elif slot.discarded:
             verdict.cleared.append(param)
         elif grad is not None:
             _judge_unchanged(verdict, param, slot, grad)
+    verdict.trainable = trainable
+    verdict.any_fresh = verdict.any_fresh or any_fresh
     return verdict
 
 

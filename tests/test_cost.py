@@ -1,0 +1,209 @@
+"""What gradguard adds to a step, counted (never timed): host-device syncs and tensor ops.
+
+Counts come from the benchmark's ``OpCounter`` (a ``TorchDispatchMode``) over
+real training steps, as differences between a guarded loop and the same loop
+unguarded on an identical model: AdamW itself reads its step counters with
+``.item()``, so raw counts are not gradguard's.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradguard
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+_SPEC = importlib.util.spec_from_file_location("gradguard_overhead_benchmark", _PATH)
+assert _SPEC is not None
+assert _SPEC.loader is not None
+overhead = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = overhead  # dataclasses look their module up by name
+_SPEC.loader.exec_module(overhead)
+
+WARMUP = 2  # a missing zero_grad is stale from the second step on
+COUNTED = 1  # counts are exact; one step is enough
+
+
+@functools.cache
+def _prototype(tensors: int) -> nn.Module:
+    torch.manual_seed(0)
+    model: nn.Module = overhead.Chain(depth=tensors // 2, width=4)
+    return model
+
+
+def chain(tensors: int) -> nn.Module:
+    """Linear(4, 4) layers in sequence, ``tensors`` parameter tensors in all.
+
+    The benchmark's orthogonal chain: no gradient vanishes to exact zeros,
+    which gradguard could not tell from a clear.
+    """
+    return copy.deepcopy(_prototype(tensors))
+
+
+Loop = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None]
+
+
+def correct(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """The canonical step."""
+    opt.zero_grad()
+    F.mse_loss(model(x), x).backward()
+    opt.step()
+
+
+def clipped(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """Clipping changes gradients in place after backward: gradguard asks the device."""
+    opt.zero_grad()
+    F.mse_loss(model(x), x).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    opt.step()
+
+
+def no_zero_grad(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """The bug: nothing clears, so GG101 fires at every step."""
+    F.mse_loss(model(x), x).backward()
+    opt.step()
+
+
+def clipped_no_zero_grad(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """Stale and clipped: one device-side flag per parameter tells clip from clear."""
+    F.mse_loss(model(x), x).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    opt.step()
+
+
+LOOPS: dict[str, Loop] = {
+    "correct": correct,
+    "clipped": clipped,
+    "no_zero_grad": no_zero_grad,
+    "clipped_no_zero_grad": clipped_no_zero_grad,
+}
+BUGGY = {"no_zero_grad", "clipped_no_zero_grad"}
+
+
+@functools.cache
+def counts(loop: str, tensors: int, mode: str | None) -> tuple[float, float, int]:
+    """Ops and syncs per step of ``loop`` on a ``tensors``-tensor model, guarded in ``mode``.
+
+    Also returns how many times a finding fired.
+    """
+    model = chain(tensors)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = None
+    if mode is not None:
+        # Strict mode would raise at the buggy step and skip it, leaving nothing to
+        # compare; ignoring the code still runs every check and only mutes the raise.
+        ignore = ["GG101"] if mode == "strict" and loop in BUGGY else None
+        gradguard.guard(opt, model=model, mode=mode, ignore=ignore)
+        g = gradguard.guard_of(opt)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        LOOPS[loop](model, opt, x)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(WARMUP):
+            step()
+        ops, syncs, _ = overhead.count_per_step(step, COUNTED)
+    assert [type(w.message) for w in caught] == (
+        [gradguard.StaleGradientWarning] if mode == "warn" and loop in BUGGY else []
+    )
+    fired = 0
+    if g is not None:
+        assert not g.closed, "gradguard failed internally while being counted"
+        fired = sum(g.counts.values())
+        gradguard.unguard(opt)
+    return ops, syncs, fired
+
+
+def extra(loop: str, tensors: int, mode: str) -> tuple[float, float, int]:
+    """gradguard's own ops and syncs per step (guarded minus unguarded), and its findings."""
+    plain_ops, plain_syncs, _ = counts(loop, tensors, None)
+    ops, syncs, fired = counts(loop, tensors, mode)
+    return ops - plain_ops, syncs - plain_syncs, fired
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+@pytest.mark.parametrize("mode", ["log", "warn"])
+def test_no_sync_in_warn_and_log_mode(loop, mode):
+    """In warn and log mode gradguard adds no host-device sync to any step."""
+    _, syncs, fired = extra(loop, 10, mode)
+    assert syncs == 0
+    if loop in BUGGY:  # the finding really fired at every step but the first
+        assert fired == WARMUP + COUNTED - 1
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_at_most_one_sync_per_step_in_strict_mode(loop):
+    """Strict mode reads a device-side verdict at the step: at most one sync."""
+    _, syncs, _ = extra(loop, 10, "strict")
+    assert syncs <= 1
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+@pytest.mark.parametrize("mode", ["log", "warn", "strict"])
+def test_ops_per_step_do_not_grow_with_the_parameter_count(loop, mode):
+    """gradguard dispatches as many tensor ops per step for 200 parameter tensors as for 10."""
+    small, _, _ = extra(loop, 10, mode)
+    large, _, _ = extra(loop, 200, mode)
+    assert small == large
+    # The numeric checks: one batched norm pass (foreach_norm, stack, cat, ...).
+    assert 0 < small <= NORM_PASS_OPS + (ZERO_CHECK_OPS if "clipped" in loop else 0)
+
+
+NORM_PASS_OPS = 6
+ZERO_CHECK_OPS = 6
+
+
+def test_a_correct_step_dispatches_no_op_without_the_numeric_checks():
+    """With check_numerics=False a correct step costs gradguard no tensor op at all."""
+    model = chain(10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    plain, _, _ = counts("correct", 10, None)
+    with gradguard.guarding(opt, model=model, mode="log", check_numerics=False):
+        for _ in range(WARMUP):
+            correct(model, opt, x)
+        ops, syncs, _ = overhead.count_per_step(lambda: correct(model, opt, x), COUNTED)
+    assert ops == plain
+    assert syncs == counts("correct", 10, None)[1]
+
+
+def test_the_counter_sees_syncs_and_in_place_foreach_changes():
+    """The counter counts ``.item()`` and keeps foreach ops' version bumps, as outside it."""
+    t = torch.ones(3)
+    with overhead.OpCounter() as counter:
+        t.sum().item()
+        torch._foreach_mul_([t], 2.0)
+    assert counter.syncs == 1
+    assert t._version == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_no_cuda_sync_in_log_mode(loop):
+    """On CUDA, a guarded step runs under ``set_sync_debug_mode("error")`` without error."""
+    torch.manual_seed(0)
+    model = chain(10).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 4, device="cuda")
+    with gradguard.guarding(opt, model=model, mode="log"):
+        for _ in range(WARMUP):
+            LOOPS[loop](model, opt, x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            LOOPS[loop](model, opt, x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
