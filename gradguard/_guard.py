@@ -11,6 +11,7 @@ import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
 from typing import Any, TypeVar
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from gradguard._checks import StepVerdict, Windows, judge_step
 from gradguard._config import Options, make_options
 from gradguard._dispatch import Reporter, SummaryRow, emit_info
-from gradguard._exceptions import GradGuardError
+from gradguard._exceptions import GradGuardError, GradGuardWarning
 from gradguard._findings import Finding, make_finding
 from gradguard._health import (
     Cadence,
@@ -40,6 +41,9 @@ Entries = list[tuple[torch.Tensor, Slot]]
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
 Refs = list[weakref.ref[torch.Tensor]]
+
+_PROPAGATE = (GradGuardError, GradGuardWarning)
+"""What a hook lets through: a strict finding, or a warning the user's filters made an error."""
 
 _GUARDS: weakref.WeakKeyDictionary[torch.optim.Optimizer, Guard] = weakref.WeakKeyDictionary()
 _LABELS: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)
@@ -65,6 +69,21 @@ class _Pending:
 
 def _refs(params: list[torch.Tensor]) -> Refs:
     return [weakref.ref(p) for p in params]
+
+
+# Every optimizer's step runs inside torch's hook-calling wrapper; they all
+# share this code object.
+_STEP_CODE = getattr(torch.optim.Optimizer.profile_hook_step(lambda *a: None), "__code__", None)
+
+
+def _step_running() -> bool:
+    """Whether this thread is inside some optimizer's ``step()`` (a frame walk; rare path)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_CODE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class Guard:
@@ -107,11 +126,13 @@ class Guard:
         self._judge_next = judge_first_step
         self._closed = False
         self._failed = False
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[tuple[str, RemovableHandle]] = []
+        self._late: list[tuple[str, RemovableHandle]] = []  # see _detach
         self._zero_grad_prev: Any = None
+        self._token = object()  # marks our zero_grad wrapper
         self._entries(optimizer)
-        self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
-        self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+        self._handles.append(("pre", optimizer.register_step_pre_hook(self._pre_hook)))
+        self._handles.append(("post", optimizer.register_step_post_hook(self._post_hook)))
         self._wrap_zero_grad(optimizer)
 
     # -- public --------------------------------------------------------------
@@ -133,7 +154,7 @@ class Guard:
 
     @property
     def closed(self) -> bool:
-        """Whether the guard has removed its hooks."""
+        """Whether the guard is closed: by `close`, or disabled by an internal error."""
         return self._closed
 
     def summary(self) -> list[SummaryRow]:
@@ -143,10 +164,15 @@ class Guard:
     def close(self) -> None:
         """Report pending results, then remove every hook and wrapper; idempotent."""
         if self._closed:
+            self._sweep()  # hooks a failure left for later, now that it is safe
             return
         try:
             self._drain(wait=True)
             self._report_unused(final=True)
+        except _PROPAGATE:
+            raise
+        except Exception as exc:
+            self._fail(exc, "close")
         finally:
             self._detach()
 
@@ -154,31 +180,36 @@ class Guard:
 
     def _pre_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
         if self._closed:
+            self._sweep("post")  # torch is iterating the pre-hooks, not the post-hooks
             return
         frame = id(sys._getframe(1))
         try:
             self._before_step(opt, args, kwargs)
-        except GradGuardError:
-            raise  # strict mode: the step does not run, so it is not pushed
+        except _PROPAGATE:
+            raise  # strict mode, or -W error: the step does not run, so it is not pushed
         except Exception as exc:
-            self._fail(exc, "the step pre-hook")
+            self._fail(exc, "the step pre-hook", iterating="pre")
         STEPS.frames.append(frame)
 
     def _post_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
         if STEPS.frames:
             STEPS.frames.pop()
         if self._closed:
+            self._sweep("pre")
             return
         try:
-            entries = self._current if self._current is not None else self._entries(opt)
-            self._current = None
-            zero_applied, self._zero_applied = self._zero_applied, set()
-            for param, slot in entries:
-                slot.on_applied(param)
-                if id(param) in zero_applied:
-                    slot.applied = False
+            self._after_step(opt)
         except Exception as exc:
-            self._fail(exc, "the step post-hook")
+            self._fail(exc, "the step post-hook", iterating="post")
+
+    def _after_step(self, opt: torch.optim.Optimizer) -> None:
+        entries = self._current if self._current is not None else self._entries(opt)
+        self._current = None
+        zero_applied, self._zero_applied = self._zero_applied, set()
+        for param, slot in entries:
+            slot.on_applied(param)
+            if id(param) in zero_applied:
+                slot.applied = False
 
     def _before_step(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
         if STEPS.running():
@@ -342,20 +373,25 @@ class Guard:
 
     def _defer(self, readback: Readback, params: list[torch.Tensor], resolve: Resolver) -> None:
         """Resolve now when the values are readable (CPU) or must be (strict), else later."""
+        pending = _Pending(readback, _refs(params), resolve)
         if self.options.mode == "strict" or readback.ready():
-            resolve(readback.values(), list(params))
+            self._resolve(pending)
         else:
-            self._pending.append(_Pending(readback, _refs(params), resolve))
+            self._pending.append(pending)
 
     def _drain(self, wait: bool) -> None:
         keep = []
         for pending in self._pending:
             if wait or pending.readback.ready():
-                alive = [r() for r in pending.params]
-                pending.resolve(pending.readback.values(), alive)
+                self._resolve(pending)
             else:
                 keep.append(pending)
         self._pending = keep
+
+    def _resolve(self, pending: _Pending) -> None:
+        """Read a device result back and judge it; runs in a step pre-hook or in `close`."""
+        alive = [r() for r in pending.params]
+        pending.resolve(pending.readback.values(), alive)
 
     def _report(
         self,
@@ -424,7 +460,7 @@ class Guard:
                 slot = slots.get(id(param))
                 if slot is None or slot.param_ref() is not param:
                     if slot is not None:
-                        REGISTRY.release(slot)
+                        REGISTRY.release(slot, self._hook_failed)
                     slot = slots[id(param)] = REGISTRY.acquire(param, self._hook_failed)
                 elif slot.handle is None and param.requires_grad:
                     slot.hook(param)
@@ -447,57 +483,114 @@ class Guard:
                 args = (target, *args)
             result = original(*args, **kwargs)
             g = guard_ref()
-            if g is not None and target is not None and not g._closed:
+            if g is None or target is None:
+                return result
+            if g._closed:
+                g._sweep()  # a failure left hooks behind; a zero_grad outside a step is safe
+            else:
                 try:
                     g._on_zero_grad(target)
                 except Exception as exc:
                     g._fail(exc, "the zero_grad wrapper")
             return result
 
-        zero_grad.__gradguard__ = True  # type: ignore[attr-defined]
+        zero_grad.__gradguard__ = self._token  # type: ignore[attr-defined]
         opt.zero_grad = zero_grad  # type: ignore[method-assign]
 
     # -- lifecycle -----------------------------------------------------------
 
-    def _detach(self) -> None:
+    def _detach(self, iterating: str | None = None, *, force: bool = False) -> None:
+        """Remove every hook and wrapper, except step hooks torch may be iterating.
+
+        ``iterating`` is ``"pre"`` or ``"post"`` when called from inside that
+        step hook: removing an entry from the dict torch is looping over would
+        raise ``OrderedDict mutated during iteration`` out of ``step()`` as
+        soon as another hook follows ours. Such a hook stays, as a no-op,
+        until `_sweep` runs at a safe point: our other step hook, the next
+        ``zero_grad()`` outside a step, `close`, or the optimizer's
+        collection. ``force`` removes everything now (the caller is about to
+        raise out of torch's loop).
+        """
         if self._closed:
             return
         self._closed = True
-        for handle in reversed(self._handles):
-            handle.remove()
+        self._late.extend(reversed(self._handles))
         self._handles.clear()
+        if force:
+            self._sweep(force=True)
+        elif iterating is not None:
+            self._sweep("post" if iterating == "pre" else "pre")
+        else:
+            self._sweep()
         opt = self._opt_ref()
         if opt is not None:
-            current = opt.__dict__.get("zero_grad")
-            if getattr(current, "__gradguard__", False):
-                if self._zero_grad_prev is None:
-                    del opt.__dict__["zero_grad"]
-                else:
-                    opt.__dict__["zero_grad"] = self._zero_grad_prev
             with _LOCK:
                 if _GUARDS.get(opt) is self:
                     del _GUARDS[opt]
         for slot in self._slots.values():
-            REGISTRY.release(slot)
+            REGISTRY.release(slot, self._hook_failed)
         self._slots.clear()
         self._cache, self._unhooked, self._never_used, self._shape = [], [], [], []
         self._pending.clear()
         self._unused.clear()
         self._current = None
 
+    def _sweep(self, phase: str | None = None, *, force: bool = False) -> None:
+        """Remove the step hooks left by `_detach` (only ``phase``'s when given).
+
+        Without a phase, only when this thread runs no optimizer step: a
+        ``zero_grad()`` called from another step hook must not edit the dicts
+        torch is iterating. The ``zero_grad`` wrapper goes with the last hook,
+        since it is what calls this in a loop that keeps running.
+        """
+        if self._late and phase is None and not force and _step_running():
+            return
+        keep = []
+        for which, handle in self._late:
+            if phase is None or which == phase:
+                handle.remove()
+            else:
+                keep.append((which, handle))
+        self._late = keep
+        if not keep:
+            self._unwrap_zero_grad()
+
+    def _unwrap_zero_grad(self) -> None:
+        opt = self._opt_ref()
+        if opt is None:
+            return
+        current = opt.__dict__.get("zero_grad")
+        if getattr(current, "__gradguard__", None) is self._token:
+            if self._zero_grad_prev is None:
+                del opt.__dict__["zero_grad"]
+            else:
+                opt.__dict__["zero_grad"] = self._zero_grad_prev
+
     def _optimizer_collected(self, _ref: object) -> None:
         self._pending.clear()  # nothing left to name or report against
         self._detach()
+        self._late.clear()  # the hook dicts died with the optimizer
 
     def _hook_failed(self, exc: BaseException) -> None:
         self._fail(exc, "the post-accumulate hook")
 
-    def _fail(self, exc: BaseException, where: str) -> None:
+    def _fail(self, exc: BaseException, where: str, iterating: str | None = None) -> None:
+        """Disable this guard after an internal error; log it once, and raise it in strict mode.
+
+        Never raises anything else: the user's step, backward or zero_grad goes
+        on exactly as without gradguard.
+        """
         if self._failed:
             return
         self._failed = True
         self._pending.clear()
-        self._detach()
+        try:
+            # Strict mode raises out of torch's hook loop, which then never
+            # steps its iterator again: removing our hook now is safe.
+            self._detach(iterating, force=self.options.mode == "strict")
+        except Exception as detach_exc:  # half-detached is still disabled
+            self._closed = True
+            where = f"{where} (then removing its hooks failed: {detach_exc!r})"
         self._reporter.internal_error(exc, where)
 
 

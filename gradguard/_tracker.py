@@ -87,9 +87,11 @@ class Slot:
         "version",
     )
 
-    def __init__(self, param: torch.Tensor, on_error: ErrorHandler) -> None:
+    def __init__(self, param: torch.Tensor) -> None:
         self.param_ref = weakref.ref(param)
-        self.on_error = on_error
+        # One handler per guard sharing the slot: a failure disables every one
+        # of them, since each would go on judging the same broken state.
+        self.on_error: list[ErrorHandler] = []
         self.handle: RemovableHandle | None = None
         self.finalizer: weakref.finalize[Any, Any] | None = None
         self.users = 0
@@ -124,34 +126,52 @@ class Slot:
             self.handle = None
 
     def on_accumulate(self, param: torch.Tensor) -> None:
-        """Post-accumulate hook: backward just wrote into ``param.grad``."""
+        """Post-accumulate hook: backward just wrote into ``param.grad``.
+
+        A failure is handed to every guard's ``on_error`` (their containment),
+        never left to break the user's backward; only a strict guard raises.
+        """
         try:
-            grad = param.grad
-            if grad is None:  # a hook of someone else's cleared it
-                self.ref = None
-                return
-            version = grad._version
-            ref = self.ref
-            if ref is not None and version == self.version + 1 and ref() is grad:
-                # Accumulated onto the gradient we saw last: a step that
-                # applied it without a clear in between makes it stale.
-                if self.applied:
-                    self.stale = True
-                self.fresh += 1
-            else:
-                # A new object, or one changed in place since we saw it
-                # (cleared, rescaled): its history ends here.
-                if self.fresh and not self.stale and grad.grad_fn is None:
-                    self._discard(param)  # create_graph replaces .grad keeping its content
-                self.ref = weakref.ref(grad)
-                self.stale = False
-                self.fresh = 1
-            self.used = True
-            self.version = version
-            self.applied = False
-            self.discarded = 0
-        except Exception as exc:  # never break a user's backward
-            self.on_error(exc)
+            self._accumulated(param)
+        except Exception as exc:
+            self.failed(exc)
+
+    def failed(self, exc: BaseException) -> None:
+        """Tell every guard using this slot that tracking it failed with ``exc``."""
+        raised: BaseException | None = None
+        for handler in list(self.on_error):
+            try:
+                handler(exc)
+            except BaseException as err:  # strict mode: raise once all are told
+                raised = raised or err
+        if raised is not None:
+            raise raised
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        grad = param.grad
+        if grad is None:  # a hook of someone else's cleared it
+            self.ref = None
+            return
+        version = grad._version
+        ref = self.ref
+        if ref is not None and version == self.version + 1 and ref() is grad:
+            # Accumulated onto the gradient we saw last: a step that
+            # applied it without a clear in between makes it stale.
+            if self.applied:
+                self.stale = True
+            self.fresh += 1
+        else:
+            # A new object, or one changed in place since we saw it
+            # (cleared, rescaled): its history ends here.
+            if self.fresh and not self.stale and grad.grad_fn is None:
+                self._discard(param)  # create_graph replaces .grad keeping its content
+            self.ref = weakref.ref(grad)
+            self.stale = False
+            self.fresh = 1
+        self.used = True
+        self.version = version
+        self.applied = False
+        self.discarded = 0
 
     def _discard(self, param: torch.Tensor) -> None:
         # Not lost work: a clear inside a step (LBFGS, SAM with a closure), or
@@ -219,21 +239,27 @@ class Registry:
         self._lock = threading.Lock()
 
     def acquire(self, param: torch.Tensor, on_error: ErrorHandler) -> Slot:
-        """Return the parameter's slot, creating and hooking it on first use."""
+        """Return the parameter's slot, creating and hooking it on first use.
+
+        ``on_error`` is called if tracking the parameter fails in backward.
+        """
         with self._lock:
             key = id(param)
             slot = self._slots.get(key)
             if slot is None or slot.param_ref() is not param:
-                slot = Slot(param, on_error)
+                slot = Slot(param)
                 self._slots[key] = slot
                 slot.finalizer = weakref.finalize(param, self._forget, key, weakref.ref(slot))
             slot.users += 1
+            slot.on_error.append(on_error)
         slot.hook(param)
         return slot
 
-    def release(self, slot: Slot) -> None:
-        """Drop one user of ``slot``; the last one removes its hook."""
+    def release(self, slot: Slot, on_error: ErrorHandler) -> None:
+        """Drop the user of ``slot`` that passed ``on_error``; the last one removes its hook."""
         with self._lock:
+            if on_error in slot.on_error:
+                slot.on_error.remove(on_error)
             slot.users -= 1
             if slot.users > 0:
                 return

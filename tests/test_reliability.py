@@ -1,0 +1,244 @@
+"""gradguard must never be what breaks training: contained failures, no leaks, clear errors."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import structlog
+import torch
+from conftest import Net, batches, loss_of
+
+import gradguard
+from gradguard._guard import Guard
+from gradguard._health import Readback
+from gradguard._tracker import REGISTRY, Slot
+
+# -- fault containment -------------------------------------------------------
+
+# Each of gradguard's own hooks, as (owner, the method holding its body, the
+# call of it that fails, what the internal-error event names as the place).
+HOOKS: dict[str, tuple[type, str, int, str]] = {
+    "post-accumulate": (Slot, "_accumulated", 6, "the post-accumulate hook"),
+    "step pre-hook": (Guard, "_before_step", 3, "the step pre-hook"),
+    "step post-hook": (Guard, "_after_step", 3, "the step post-hook"),
+    "zero_grad wrapper": (Guard, "_on_zero_grad", 3, "the zero_grad wrapper"),
+    "deferred resolution": (Guard, "_resolve", 2, "the step pre-hook"),
+}
+
+# Where a strict guard raises each hook's failure: the call that ran the hook.
+RAISED_FROM = {
+    "post-accumulate": "backward",
+    "step pre-hook": "step",
+    "step post-hook": "step",
+    "zero_grad wrapper": "zero_grad",
+    "deferred resolution": "step",
+}
+
+
+def inject(monkeypatch: pytest.MonkeyPatch, hook: str) -> None:
+    """Make ``hook``'s body raise on its n-th call, as a bug inside gradguard would."""
+    owner, name, nth, _ = HOOKS[hook]
+    original = getattr(owner, name)
+    calls = itertools.count(1)
+
+    def faulty(*args: Any, **kwargs: Any) -> Any:
+        if next(calls) == nth:
+            raise RuntimeError(f"injected fault in {name}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, faulty)
+    if hook == "deferred resolution":
+        # Like a GPU copy still in flight: each result becomes readable one
+        # check later, so it is judged in the next step, as on a device.
+        asked: set[int] = set()
+
+        def ready(self: Readback) -> bool:
+            first = id(self) not in asked
+            asked.add(id(self))
+            return not first
+
+        monkeypatch.setattr(Readback, "ready", ready)
+
+
+def train(
+    mode: str | None, steps: int = 6, on_call: Callable[[str], None] | None = None
+) -> tuple[list[torch.Tensor], list[int], Guard | None, torch.optim.Optimizer, Net]:
+    """A correct loop with the user's own step hooks registered after gradguard's.
+
+    Returns the final parameters, the steps the user's hooks saw, the guard,
+    the optimizer and the model. ``on_call`` is told which call runs next.
+    """
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    g = gradguard.guarding(opt, model=net, mode=mode) if mode else None
+    guard = g.__enter__() if g is not None else None
+    seen: list[int] = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(len(seen)))
+    opt.register_step_post_hook(lambda o, a, k: None)
+    say = on_call or (lambda call: None)
+    try:
+        for b in batches(steps):
+            say("zero_grad")
+            opt.zero_grad()
+            say("backward")
+            loss_of(net, b).backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            say("step")
+            opt.step()
+    finally:
+        if g is not None:
+            g.__exit__(None, None, None)
+    return [p.detach().clone() for p in net.parameters()], seen, guard, opt, net
+
+
+def only_user_hooks_left(opt: torch.optim.Optimizer, net: Net) -> bool:
+    """Whether every gradguard hook and wrapper is gone, the user's own hooks kept."""
+    return (
+        len(opt._optimizer_step_pre_hooks) == 1
+        and len(opt._optimizer_step_post_hooks) == 1
+        and "zero_grad" not in opt.__dict__
+        and not any(p._post_accumulate_grad_hooks for p in net.parameters())
+        and len(REGISTRY) == 0
+    )
+
+
+@pytest.mark.parametrize("mode", ["warn", "log"])
+@pytest.mark.parametrize("hook", list(HOOKS))
+def test_a_failing_hook_is_contained_and_training_is_bit_identical(monkeypatch, hook, mode):
+    """A bug in any gradguard hook is logged once with its traceback; training is unchanged."""
+    plain, plain_seen, *_ = train(None)
+    inject(monkeypatch, hook)
+    with structlog.testing.capture_logs() as logs:
+        guarded, seen, g, opt, net = train(mode)
+    assert all(torch.equal(a, b) for a, b in zip(plain, guarded, strict=True))
+    assert seen == plain_seen  # every step ran, the user's hooks with it
+    (event,) = [e for e in logs if e["event"] == "internal-error"]
+    assert event["log_level"] == "error"
+    assert event["where"] == HOOKS[hook][3]
+    assert event["error"] == f"RuntimeError: injected fault in {HOOKS[hook][1]}"
+    assert "Traceback (most recent call last)" in event["traceback"]
+    assert f"injected fault in {HOOKS[hook][1]}" in event["traceback"]
+    assert g is not None
+    assert g.closed
+    assert g.findings == []
+    assert gradguard.guard_of(opt) is None
+    assert only_user_hooks_left(opt, net)
+
+
+@pytest.mark.parametrize("hook", list(HOOKS))
+def test_a_failing_hook_raises_internal_error_in_strict_mode(monkeypatch, hook):
+    """In strict mode a bug in any hook raises GradGuardInternalError from the call that ran it."""
+    inject(monkeypatch, hook)
+    calls: list[str] = []
+    with (
+        structlog.testing.capture_logs() as logs,
+        pytest.raises(gradguard.GradGuardInternalError) as info,
+    ):
+        train("strict", on_call=calls.append)
+    err = info.value
+    assert calls[-1] == RAISED_FROM[hook]
+    assert err.finding is None
+    assert str(err).startswith(f"gradguard failed internally in {HOOKS[hook][3]} (RuntimeError")
+    assert "and disabled this guard" in str(err)
+    assert isinstance(err.__cause__, RuntimeError)
+    assert str(err.__cause__) == f"injected fault in {HOOKS[hook][1]}"
+    assert [e["where"] for e in logs if e["event"] == "internal-error"] == [HOOKS[hook][3]]
+    assert len(REGISTRY) == 0
+
+
+def test_a_result_still_on_the_device_that_fails_at_close_is_contained(monkeypatch):
+    """A device result whose judging fails when ``unguard`` reads it is logged, not raised."""
+    monkeypatch.setattr(Readback, "ready", lambda self: False)  # a copy never done in time
+    monkeypatch.setattr(Guard, "_numerics", lambda self, *a: 1 / 0)
+    torch.manual_seed(0)
+    net = Net()
+    opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="log")
+    with structlog.testing.capture_logs() as logs:
+        for b in batches(3):
+            opt.zero_grad()
+            loss_of(net, b).backward()
+            opt.step()
+        g = gradguard.unguard(opt)
+    assert [e["where"] for e in logs if e["event"] == "internal-error"] == ["close"]
+    assert g is not None
+    assert g.closed
+    assert "zero_grad" not in opt.__dict__
+
+
+def test_a_failing_step_hook_followed_by_other_hooks_keeps_step_working(monkeypatch):
+    """Disabling itself inside torch's hook loop never edits the dict torch is iterating."""
+    inject(monkeypatch, "step pre-hook")
+    torch.manual_seed(0)
+    net = Net()
+    opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="log")
+    after: list[str] = []
+    opt.register_step_pre_hook(lambda o, a, k: after.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: after.append("post"))
+    with structlog.testing.capture_logs():
+        for b in batches(3):
+            opt.zero_grad()
+            loss_of(net, b).backward()
+            opt.step()
+    assert after == ["pre", "post"] * 3
+    assert len(opt._optimizer_step_pre_hooks) == 2  # ours is a no-op until a safe point
+    opt.zero_grad()
+    assert len(opt._optimizer_step_pre_hooks) == 1
+    assert len(opt._optimizer_step_post_hooks) == 1
+    assert "zero_grad" not in opt.__dict__
+
+
+def test_a_failing_post_hook_is_removed_at_the_next_zero_grad(monkeypatch):
+    """A post-hook that fails while torch iterates the post-hooks is gone after the next clear."""
+    inject(monkeypatch, "step post-hook")
+    torch.manual_seed(0)
+    net = Net()
+    opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="log")
+    opt.register_step_post_hook(lambda o, a, k: None)
+    with structlog.testing.capture_logs() as logs:
+        for b in batches(3):
+            opt.zero_grad()
+            loss_of(net, b).backward()
+            opt.step()
+        assert len(opt._optimizer_step_post_hooks) == 2  # ours is a no-op until a safe point
+        opt.zero_grad()
+    assert len(opt._optimizer_step_post_hooks) == 1
+    assert not opt._optimizer_step_pre_hooks
+    assert "zero_grad" not in opt.__dict__
+    assert len([e for e in logs if e["event"] == "internal-error"]) == 1
+
+
+def test_warnings_made_errors_by_the_user_surface_as_the_finding(net):
+    """Under ``-W error`` a warn-mode finding raises its warning, not an internal error."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with (
+        structlog.testing.capture_logs() as logs,
+        gradguard.guarding(opt, model=net, mode="warn") as g,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error", gradguard.GradGuardWarning)
+        loss_of(net, batches(1)[0]).backward()
+        opt.zero_grad()
+        with pytest.raises(gradguard.ClearedBeforeStepWarning, match="GG102"):
+            opt.step()
+        assert not g.closed
+    assert not [e for e in logs if e["event"] == "internal-error"]
+
+
+def test_a_broken_log_pipeline_does_not_break_training(monkeypatch, capsys):
+    """If the user's structlog pipeline raises, gradguard falls back to stderr and training goes on."""
+
+    def broken(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        raise ValueError("the user's log pipeline is broken")
+
+    plain, *_ = train(None)
+    inject(monkeypatch, "step pre-hook")
+    structlog.configure(processors=[broken])
+    guarded, *_ = train("log")
+    assert all(torch.equal(a, b) for a, b in zip(plain, guarded, strict=True))
+    err = capsys.readouterr().err
+    assert "gradguard: internal-error in the step pre-hook: RuntimeError: injected fault" in err
