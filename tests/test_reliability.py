@@ -15,6 +15,7 @@ import pytest
 import structlog
 import torch
 from conftest import HEAD, Net, batches, loss_of
+from test_pytest_plugin import _plugin_args
 
 import gradguard
 from gradguard._findings import make_finding
@@ -373,3 +374,93 @@ def test_everything_is_collected_after_unguard_and_del():
     gc.collect()
     assert [r for r in refs if r() is not None] == []
     assert len(REGISTRY) == 0
+
+
+# -- bad input ---------------------------------------------------------------
+
+# Cases beyond tests/test_api.py and tests/test_health.py: every form a wrong
+# value takes, each named in the error together with what is allowed.
+BAD_ARGUMENTS = [
+    ({"mode": 1}, TypeError, r"mode must be a str, one of warn, strict, log; got 1"),
+    ({"mode": "STRICT "}, ValueError, r"mode='STRICT ' is not a mode; use one of: warn, strict"),
+    ({"ignore": "GG101,GG999"}, ValueError, r"unknown finding code 'GG999'; known codes: GG101"),
+    ({"ignore": [101]}, TypeError, r"ignore must hold finding codes as str; got 101"),
+    ({"accumulation_steps": -2}, ValueError, r"accumulation_steps must be a positive int; got -2"),
+    ({"accumulation_steps": 2.0}, TypeError, r"accumulation_steps must be a positive int or None"),
+    ({"accumulation_steps": True}, TypeError, r"accumulation_steps must be .*; got True"),
+    ({"unused_after": 0}, ValueError, r"unused_after must be a positive int; got 0"),
+    ({"numerics_every": 0}, ValueError, r"numerics_every must be a positive int; got 0"),
+    ({"max_grad_norm": -1.0}, ValueError, r"max_grad_norm must be a finite number above 0"),
+    ({"explode_factor": float("nan")}, ValueError, r"explode_factor must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("entry", ["guard", "guarding"])
+@pytest.mark.parametrize(("kwargs", "error", "words"), BAD_ARGUMENTS)
+def test_bad_options_fail_at_the_call_and_attach_nothing(net, entry, kwargs, error, words):
+    """A wrong option raises where it is passed, naming the value and what is allowed; no hooks."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    if entry == "guard":
+        with pytest.raises(error, match=words):
+            gradguard.guard(opt, **kwargs)
+    else:
+        with pytest.raises(error, match=words), gradguard.guarding(opt, **kwargs):
+            pytest.fail("the block must not run")
+    assert gradguard.guard_of(opt) is None
+    assert not opt._optimizer_step_pre_hooks
+    assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
+    assert "zero_grad" not in opt.__dict__
+
+
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        (None, r"guard\(\) needs a torch.optim.Optimizer; got NoneType"),
+        (Net(), r"guard\(\) takes the optimizer, not the model \(Net\); use guard\(torch.optim"),
+    ],
+)
+def test_guarding_rejects_what_is_not_an_optimizer(bad, words):
+    """``guarding(None)`` and ``guarding(model)`` are TypeErrors naming what was passed."""
+    with pytest.raises(TypeError, match=words), gradguard.guarding(bad):
+        pytest.fail("the block must not run")
+
+
+def test_install_rejects_a_log_path_that_is_not_a_path():
+    """``install(log_json=3)`` is a TypeError naming the value and what a path may be."""
+    words = r"log_json must be a file path \(str or os.PathLike\); got 3"
+    with pytest.raises(TypeError, match=words):
+        gradguard.install(log_json=3)
+
+
+@pytest.mark.parametrize(
+    ("ini", "named"),
+    [
+        ("gradguard = strict\ngradguard_ignore = GG1", "invalid finding code 'GG1' from ini"),
+        ("gradguard = log\ngradguard_ignore = GG999", "ini option gradguard_ignore names unknown"),
+        ("gradguard_log_json = missing/gg.jsonl", "ini option gradguard_log_json='*missing*"),
+    ],
+)
+def test_bad_ini_values_name_the_ini_option(pytester, monkeypatch, ini, named):
+    """A bad ignore code or log path in the ini file is a usage error naming the ini option."""
+    monkeypatch.delenv("GRADGUARD", raising=False)
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_inprocess(*_plugin_args(), "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: gradguard: *{named}*"])
+
+
+def test_a_bad_marker_mode_fails_that_test_naming_the_marker(pytester, monkeypatch):
+    """``@pytest.mark.gradguard(mode="loud")`` fails the marked test and names the marker."""
+    monkeypatch.delenv("GRADGUARD", raising=False)
+    pytester.makepyfile(
+        "import pytest\n\n"
+        "@pytest.mark.gradguard(mode='loud')\n"
+        "def test_marked():\n    pass\n\n"
+        "def test_other():\n    pass\n"
+    )
+    result = pytester.runpytest_inprocess(*_plugin_args(), "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*gradguard: invalid mode 'loud' from @pytest.mark.gradguard on *::test_marked*"]
+    )
