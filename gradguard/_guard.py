@@ -182,18 +182,17 @@ class Guard:
         if self._closed:
             self._sweep("post")  # torch is iterating the pre-hooks, not the post-hooks
             return
-        frame = id(sys._getframe(1))
         try:
             self._before_step(opt, args, kwargs)
         except _PROPAGATE:
             raise  # strict mode, or -W error: the step does not run, so it is not pushed
         except Exception as exc:
             self._fail(exc, "the step pre-hook", iterating="pre")
-        STEPS.frames.append(frame)
+            return
+        STEPS.push(sys._getframe(1))  # torch's step wrapper, which calls both hooks
 
     def _post_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
-        if STEPS.frames:
-            STEPS.frames.pop()
+        STEPS.pop(sys._getframe(1))
         if self._closed:
             self._sweep("pre")
             return
@@ -514,6 +513,7 @@ class Guard:
         if self._closed:
             return
         self._closed = True
+        STEPS.running()  # drop frames of steps that died raising: they hold their optimizer
         self._late.extend(reversed(self._handles))
         self._handles.clear()
         if force:

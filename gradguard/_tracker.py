@@ -15,6 +15,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import torch
@@ -22,28 +23,49 @@ from torch.utils.hooks import RemovableHandle
 
 ErrorHandler = Callable[[BaseException], None]
 
+# The running backward's id (torch >= 2.1), to look for unfrozen parameters
+# once per backward rather than once per parameter.
+_graph_task: Callable[[], int] | None = getattr(torch._C, "_current_graph_task_id", None)
+
 
 class _StepStack(threading.local):
-    """The optimizer steps running in this thread, as ids of their frames.
+    """The optimizer steps running in this thread, as torch's step-wrapper frames.
 
     A step that starts while another is running (``super().step()``, a
     Lookahead or SAM wrapper stepping its base optimizer) is part of that
     outer step: one update, judged once.
+
+    The frames are held, not their ids: a step that dies raising (the user's
+    own hook, the optimizer's body) never pops its frame, and a later frame
+    reusing a dead one's id would look like a step still running, so every
+    following step would be skipped as nested. Held frames live until they
+    are found off the stack.
     """
 
     def __init__(self) -> None:
-        self.frames: list[int] = []
+        self.frames: list[FrameType] = []
+
+    def push(self, frame: FrameType) -> None:
+        """A step whose wrapper runs in ``frame`` started."""
+        self.frames.append(frame)
+
+    def pop(self, frame: FrameType) -> None:
+        """The step whose wrapper runs in ``frame`` ended (no-op if never pushed)."""
+        for i in range(len(self.frames) - 1, -1, -1):
+            if self.frames[i] is frame:
+                del self.frames[i]
+                return
 
     def running(self) -> bool:
         """Whether a step is running in this thread, dropping steps that died raising."""
         if not self.frames:
             return False
         live = set()
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         while frame is not None:
             live.add(id(frame))
-            frame = frame.f_back  # type: ignore[assignment]
-        self.frames = [f for f in self.frames if f in live]
+            frame = frame.f_back
+        self.frames = [f for f in self.frames if id(f) in live]
         return bool(self.frames)
 
     def inside(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import itertools
 import os
@@ -14,10 +15,11 @@ from typing import Any
 import pytest
 import structlog
 import torch
-from conftest import HEAD, Net, batches, loss_of
+from conftest import ALL, ENCODER, HEAD, Net, batches, loss_of
 from test_pytest_plugin import _plugin_args
 
 import gradguard
+import gradguard.testing
 from gradguard._findings import make_finding
 from gradguard._guard import _GUARDS, Guard
 from gradguard._health import Readback
@@ -216,6 +218,30 @@ def test_a_failing_post_hook_is_removed_at_the_next_zero_grad(monkeypatch):
     assert not opt._optimizer_step_pre_hooks
     assert "zero_grad" not in opt.__dict__
     assert len([e for e in logs if e["event"] == "internal-error"]) == 1
+
+
+def test_a_step_aborted_by_the_users_hook_does_not_blind_the_guard(net):
+    """After a step dies raising in the user's own hook, every later step is still judged."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    calls = itertools.count(1)
+
+    def flaky(o: torch.optim.Optimizer, a: Any, k: Any) -> None:
+        if next(calls) == 1:
+            raise ValueError("the user's hook failed once")
+
+    with (
+        structlog.testing.capture_logs(),
+        gradguard.guarding(opt, model=net, mode="log") as g,
+        gradguard.testing.record(g) as fired,
+    ):
+        opt.register_step_pre_hook(flaky)
+        for b in batches(20):
+            loss_of(net, b).backward()
+            opt.zero_grad()  # the bug, on every step
+            with contextlib.suppress(ValueError):
+                opt.step()
+    assert [f.step for f in fired] == list(range(1, 21))
+    assert {f.code for f in fired} == {"GG102"}
 
 
 def test_warnings_made_errors_by_the_user_surface_as_the_finding(net):
