@@ -256,6 +256,7 @@ class Guard:
         )
         on_zero = "GG103" if only_zeros_left else None
         self._defer_zero(verdict.reapplied_changed, location, on_zero, "GG101", each=True)
+        self._defer_zero(verdict.frozen_changed, location, None, None, each=True)
         if verdict.nothing_to_apply:
             self._report("GG103", [], location, self._step)
 
