@@ -344,20 +344,27 @@ class Guard:
         *,
         each: bool,
     ) -> None:
-        """Report ``params`` as ``on_zero`` or ``on_nonzero`` once the device says which."""
+        """Report ``params`` as ``on_zero`` or ``on_nonzero`` once the device says which.
+
+        With ``each`` every parameter is judged on its own; without, the codes
+        apply to the whole group, only when every gradient in it is zero (or
+        every one nonzero): a single zero gradient may be legitimate (a dead
+        ReLU), all of them at once is a clear. Either way a zero gradient is
+        remembered as applying nothing. Non-finite ones are never judged.
+        """
         if not params:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        readback = zero_flags(grads, each=each) if len(grads) == len(params) else None
+        readback = zero_flags(grads) if len(grads) == len(params) else None
         del grads  # never hold gradients past this call
         if readback is None:
             return
         step = self._step
 
-        def resolve(values: list[float], alive: list[torch.Tensor | None]) -> None:
-            flags = values if each else values * len(alive)
-            zero = [p for p, z in zip(alive, flags, strict=True) if z and p is not None]
-            nonzero = [p for p, z in zip(alive, flags, strict=True) if not z and p is not None]
+        def resolve(flags: list[float], alive: list[torch.Tensor | None]) -> None:
+            # 1.0 zero, 0.0 nonzero, NaN non-finite: GG201's business, not judged here.
+            zero = [p for p, z in zip(alive, flags, strict=True) if z == 1 and p is not None]
+            nonzero = [p for p, z in zip(alive, flags, strict=True) if z == 0 and p is not None]
             for p in zero:
                 # The step applied zeros: a backward onto them later is not stale.
                 if step == self._step:
@@ -365,6 +372,10 @@ class Guard:
                 slot = self._slots.get(id(p))
                 if slot is not None:
                     slot.applied = slot.stale = False
+            if not each:
+                everyone = [p for p in alive if p is not None]
+                zero = everyone if all(z == 1 for z in flags) else []
+                nonzero = everyone if all(z == 0 for z in flags) else []
             for code, group in ((on_zero, zero), (on_nonzero, nonzero)):
                 if code is not None and group:
                     self._report(code, group, location, step)
