@@ -128,12 +128,15 @@ class Guard:
         self._failed = False
         self._handles: list[tuple[str, RemovableHandle]] = []
         self._late: list[tuple[str, RemovableHandle]] = []  # see _detach
-        self._zero_grad_prev: Any = None
-        self._token = object()  # marks our zero_grad wrapper
+        self._wrapped: dict[str, Any] = {}  # method name -> what our wrapper replaced
+        self._token = object()  # marks our wrappers
         self._entries(optimizer)
         self._handles.append(("pre", optimizer.register_step_pre_hook(self._pre_hook)))
         self._handles.append(("post", optimizer.register_step_post_hook(self._post_hook)))
-        self._wrap_zero_grad(optimizer)
+        # zero_grad: no torch hook sees a clear. add_param_group: new
+        # parameters are tracked at once, before a backward can write to them.
+        self._wrap(optimizer, "zero_grad", before="_before_zero_grad", after="_on_zero_grad")
+        self._wrap(optimizer, "add_param_group", before=None, after="_on_add_param_group")
 
     # -- public --------------------------------------------------------------
 
@@ -202,6 +205,7 @@ class Guard:
             self._fail(exc, "the step post-hook", iterating="post")
 
     def _after_step(self, opt: torch.optim.Optimizer) -> None:
+        REGISTRY.new_window()
         entries = self._current if self._current is not None else self._entries(opt)
         self._current = None
         zero_applied, self._zero_applied = self._zero_applied, set()
@@ -223,10 +227,19 @@ class Guard:
             # With a closure (LBFGS, SAM) backward runs inside the step.
             self._judge(opt, entries)
 
+    def _before_zero_grad(self, opt: torch.optim.Optimizer) -> None:
+        # Hook parameters unfrozen since the last step before their gradients
+        # go, so a backward that wrote to them counts as thrown away.
+        self._entries(opt)
+
     def _on_zero_grad(self, opt: torch.optim.Optimizer) -> None:
+        REGISTRY.new_window()
         inside_step = STEPS.inside()
         for param, slot in self._entries(opt):
             slot.on_clear(param, inside_step)
+
+    def _on_add_param_group(self, opt: torch.optim.Optimizer) -> None:
+        self._entries(opt)
 
     # -- judging -------------------------------------------------------------
 
@@ -458,7 +471,7 @@ class Guard:
         elif self._unhooked:
             for param, slot in self._unhooked:
                 if param.requires_grad:
-                    slot.hook(param)  # unfrozen since we last looked
+                    slot.hook_late(param)  # unfrozen since we last looked
             self._unhooked = [(p, s) for p, s in self._unhooked if s.handle is None]
         return self._cache
 
@@ -474,39 +487,51 @@ class Guard:
                         REGISTRY.release(slot, self._hook_failed)
                     slot = slots[id(param)] = REGISTRY.acquire(param, self._hook_failed)
                 elif slot.handle is None and param.requires_grad:
-                    slot.hook(param)
+                    slot.hook_late(param)
                 out.append((param, slot))
         return out
 
-    def _wrap_zero_grad(self, opt: torch.optim.Optimizer) -> None:
-        # An instance attribute, never a class patch: Optimizer.__getstate__
-        # drops it, so pickling and deepcopy see the plain optimizer.
-        prev = opt.__dict__.get("zero_grad")
-        self._zero_grad_prev = prev
+    def _wrap(
+        self, opt: torch.optim.Optimizer, name: str, *, before: str | None, after: str
+    ) -> None:
+        """Wrap ``opt.<name>`` to call our ``before`` and ``after`` methods around it.
+
+        An instance attribute, never a class patch: ``Optimizer.__getstate__``
+        drops it, so pickling and deepcopy see the plain optimizer. A failure
+        in our part disables the guard and never changes the call's result.
+        """
+        prev = opt.__dict__.get(name)
+        self._wrapped[name] = prev
         opt_ref = weakref.ref(opt)
         guard_ref = weakref.ref(self)
-        original: Callable[..., Any] = prev if prev is not None else type(opt).zero_grad
+        original: Callable[..., Any] = prev if prev is not None else getattr(type(opt), name)
+        where = f"the {name} wrapper"
 
         @functools.wraps(original)
-        def zero_grad(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             target = opt_ref()
             if prev is None:
                 args = (target, *args)
-            result = original(*args, **kwargs)
             g = guard_ref()
+            if before is not None and g is not None and target is not None and not g._closed:
+                try:
+                    getattr(g, before)(target)
+                except Exception as exc:
+                    g._fail(exc, where)
+            result = original(*args, **kwargs)
             if g is None or target is None:
                 return result
             if g._closed:
-                g._sweep()  # a failure left hooks behind; a zero_grad outside a step is safe
+                g._sweep()  # a failure left hooks behind; outside a step it is safe
             else:
                 try:
-                    g._on_zero_grad(target)
+                    getattr(g, after)(target)
                 except Exception as exc:
-                    g._fail(exc, "the zero_grad wrapper")
+                    g._fail(exc, where)
             return result
 
-        zero_grad.__gradguard__ = self._token  # type: ignore[attr-defined]
-        opt.zero_grad = zero_grad  # type: ignore[method-assign]
+        wrapper.__gradguard__ = self._token  # type: ignore[attr-defined]
+        setattr(opt, name, wrapper)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -565,18 +590,20 @@ class Guard:
                 keep.append((which, handle))
         self._late = keep
         if not keep:
-            self._unwrap_zero_grad()
+            self._unwrap()
 
-    def _unwrap_zero_grad(self) -> None:
+    def _unwrap(self) -> None:
+        """Put back what our method wrappers replaced, where they are still in place."""
         opt = self._opt_ref()
         if opt is None:
             return
-        current = opt.__dict__.get("zero_grad")
-        if getattr(current, "__gradguard__", None) is self._token:
-            if self._zero_grad_prev is None:
-                del opt.__dict__["zero_grad"]
-            else:
-                opt.__dict__["zero_grad"] = self._zero_grad_prev
+        for name, prev in self._wrapped.items():
+            current = opt.__dict__.get(name)
+            if getattr(current, "__gradguard__", None) is self._token:
+                if prev is None:
+                    del opt.__dict__[name]
+                else:
+                    opt.__dict__[name] = prev
 
     def _optimizer_collected(self, _ref: object) -> None:
         self._pending.clear()  # nothing left to name or report against

@@ -98,6 +98,7 @@ class Slot:
         "finalizer",
         "fresh",
         "handle",
+        "key",
         "lost",
         "on_error",
         "param_ref",
@@ -111,6 +112,7 @@ class Slot:
 
     def __init__(self, param: torch.Tensor) -> None:
         self.param_ref = weakref.ref(param)
+        self.key = id(param)
         # One handler per guard sharing the slot: a failure disables every one
         # of them, since each would go on judging the same broken state.
         self.on_error: list[ErrorHandler] = []
@@ -141,6 +143,19 @@ class Slot:
                 self.on_accumulate
             )
 
+    def hook_late(self, param: torch.Tensor) -> None:
+        """Hook a parameter unfrozen since it was last looked at.
+
+        A backward may already have written to it with no hook to see it: a
+        gradient we do not hold counts as that backward's result.
+        """
+        if self.handle is not None:
+            return  # hooked since: a later change in place is no backward
+        grad = param.grad
+        if grad is not None and not self.holds(grad):
+            self._accumulated(param)
+        self.hook(param)
+
     def unhook(self) -> None:
         """Remove the hook; idempotent."""
         if self.handle is not None:
@@ -157,6 +172,8 @@ class Slot:
             self._accumulated(param)
         except Exception as exc:
             self.failed(exc)
+        if REGISTRY.frozen:
+            REGISTRY.look_for_unfrozen()
 
     def failed(self, exc: BaseException) -> None:
         """Tell every guard using this slot that tracking it failed with ``exc``."""
@@ -259,6 +276,14 @@ class Registry:
     def __init__(self) -> None:
         self._slots: dict[int, Slot] = {}
         self._lock = threading.Lock()
+        # Slots of parameters that were frozen when last looked at: they have
+        # no hook. Each backward looks once whether any was unfrozen since, so
+        # a backward into one is seen from the first, not only from the next
+        # step or clear; it takes a backward that also writes to a parameter
+        # already hooked.
+        self.frozen: dict[int, Slot] = {}
+        self.window = 0
+        self.looked = -1
 
     def acquire(self, param: torch.Tensor, on_error: ErrorHandler) -> Slot:
         """Return the parameter's slot, creating and hooking it on first use.
@@ -275,7 +300,37 @@ class Registry:
             slot.users += 1
             slot.on_error.append(on_error)
         slot.hook(param)
+        if slot.handle is None:
+            with self._lock:
+                self.frozen[key] = slot
         return slot
+
+    def new_window(self) -> None:
+        """A step or a clear happened (what marks a new backward where torch cannot)."""
+        self.window += 1
+
+    def look_for_unfrozen(self) -> None:
+        """Once per backward, hook the watched parameters unfrozen since last looked at."""
+        mark = _graph_task() if _graph_task is not None else self.window
+        if mark != self.looked:
+            self.looked = mark
+            self.hook_unfrozen()
+
+    def hook_unfrozen(self) -> None:
+        """Hook the watched parameters unfrozen since they were last looked at."""
+        with self._lock:
+            waiting = list(self.frozen.items())
+        for key, slot in waiting:
+            param = slot.param_ref()
+            if param is not None and not param.requires_grad and slot.handle is None:
+                continue
+            with self._lock:
+                self.frozen.pop(key, None)
+            if param is not None:
+                try:
+                    slot.hook_late(param)
+                except Exception as exc:
+                    slot.failed(exc)
 
     def release(self, slot: Slot, on_error: ErrorHandler) -> None:
         """Drop the user of ``slot`` that passed ``on_error``; the last one removes its hook."""
@@ -286,6 +341,8 @@ class Registry:
             if slot.users > 0:
                 return
             slot.unhook()
+            if self.frozen.get(slot.key) is slot:
+                del self.frozen[slot.key]
             if slot.finalizer is not None:
                 slot.finalizer.detach()
             param = slot.param_ref()
@@ -294,8 +351,11 @@ class Registry:
 
     def _forget(self, key: int, slot_ref: weakref.ref[Slot]) -> None:
         with self._lock:
-            if self._slots.get(key) is slot_ref():
+            slot = slot_ref()
+            if self._slots.get(key) is slot:
                 del self._slots[key]
+            if self.frozen.get(key) is slot:
+                del self.frozen[key]
 
     def watched(self) -> list[int]:
         """Ids of the parameters some live guard watches."""
