@@ -490,3 +490,166 @@ def test_a_bad_marker_mode_fails_that_test_naming_the_marker(pytester, monkeypat
     result.stdout.fnmatch_lines(
         ["*gradguard: invalid mode 'loud' from @pytest.mark.gradguard on *::test_marked*"]
     )
+
+
+# -- changing parameter sets -------------------------------------------------
+
+
+def test_a_param_group_added_after_guarding_is_tracked_at_once(net):
+    """Parameters from ``add_param_group`` are hooked at the call; a bug on them is named."""
+    extra = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with (
+        structlog.testing.capture_logs(),
+        gradguard.guarding(opt, model=[net, extra], mode="log") as g,
+        gradguard.testing.record(g) as fired,
+    ):
+        opt.add_param_group({"params": list(extra.parameters())})
+        assert all(p._post_accumulate_grad_hooks for p in extra.parameters())
+        for b in batches(3):
+            (loss_of(net, b) + extra(b[0]).pow(2).mean()).backward()
+            opt.zero_grad()  # the bug: the backward just before was for nothing
+            opt.step()
+    assert [(f.code, f.step) for f in fired] == [("GG102", 1), ("GG102", 2), ("GG102", 3)]
+    assert fired[0].params == (*ALL, "weight", "bias")
+    assert not any(p._post_accumulate_grad_hooks for p in extra.parameters())
+
+
+def test_a_param_group_added_mid_run_keeps_a_correct_loop_silent(net):
+    """A correct loop that grows the model and its optimizer mid-run has no finding."""
+    extra = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    with gradguard.guarding(opt, model=[net, extra], mode="strict") as g:
+        for i, b in enumerate(batches(6)):
+            if i == 3:
+                opt.add_param_group({"params": list(extra.parameters()), "lr": 1e-3})
+            opt.zero_grad()
+            grown = extra(b[0]).pow(2).mean() if i >= 3 else 0
+            (loss_of(net, b) + grown).backward()
+            opt.step()
+    assert g.findings == []
+
+
+@pytest.mark.parametrize("clear", ["optimizer", "model"])
+def test_parameters_unfrozen_mid_run_are_tracked_from_their_first_backward(clear):
+    """A layer frozen when guarded is seen from the first backward after it is unfrozen."""
+    torch.manual_seed(0)
+    net = Net()
+    net.encoder.requires_grad_(False)  # fine-tuning: the encoder starts frozen
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with (
+        structlog.testing.capture_logs(),
+        gradguard.guarding(opt, model=net, mode="log") as g,
+        gradguard.testing.record(g) as fired,
+    ):
+        assert not any(p._post_accumulate_grad_hooks for p in net.encoder.parameters())
+        for i, b in enumerate(batches(4)):
+            opt.zero_grad()
+            if i == 2:
+                net.encoder.requires_grad_(True)  # unfrozen, no step or clear since
+            loss_of(net, b).backward()
+            if i == 2:  # the bug, right after unfreezing
+                opt.zero_grad() if clear == "optimizer" else net.zero_grad()
+            opt.step()
+    assert [(f.code, f.step, f.params) for f in fired] == [("GG102", 3, ALL)]
+
+
+def test_a_frozen_layer_still_moved_by_an_old_gradient_is_stale(net):
+    """Freezing a layer without clearing it: every step re-applies its old gradient (GG101)."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with (
+        structlog.testing.capture_logs(),
+        gradguard.guarding(opt, model=net, mode="log") as g,
+        gradguard.testing.record(g) as fired,
+    ):
+        loss_of(net, batches(1)[0]).backward()
+        opt.step()
+        net.encoder.requires_grad_(False)  # frozen, but its gradient is still there
+        before = [p.detach().clone() for p in net.encoder.parameters()]
+        net.head.zero_grad()
+        loss_of(net, batches(2)[1]).backward()
+        opt.step()
+    after = list(net.encoder.parameters())
+    # torch's SGD applies the gradient of a parameter that requires none
+    assert not any(torch.equal(a, p) for a, p in zip(before, after, strict=True))
+    assert [(f.code, f.step, f.params) for f in fired] == [("GG101", 2, ENCODER)]
+
+
+def test_a_frozen_layer_cleared_before_the_step_is_no_finding(net):
+    """Freezing a layer and clearing its gradients before the step is what freezing asks for."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=net, mode="strict") as g:
+        for i, b in enumerate(batches(4)):
+            opt.zero_grad(set_to_none=i % 2 == 0)
+            loss_of(net, b).backward()
+            if i == 1:
+                net.encoder.requires_grad_(False)
+                net.encoder.zero_grad()
+            opt.step()
+    assert g.findings == []
+
+
+def test_an_optimizer_collected_while_guarded_releases_everything():
+    """An optimizer dropped mid-run with no unguard takes its guard and every hook with it."""
+    torch.manual_seed(0)
+    net = Net()
+    net.encoder.requires_grad_(False)  # a slot without a hook, waiting to be unfrozen
+    opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="log")
+    refs = [weakref.ref(opt), weakref.ref(gradguard.guard_of(opt))]
+    opt.zero_grad()
+    loss_of(net, batches(1)[0]).backward()
+    opt.step()
+    del opt
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert len(REGISTRY) == 0
+    assert not REGISTRY.frozen
+    assert not _GUARDS
+    assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
+    net.encoder.requires_grad_(True)
+    loss_of(net, batches(1)[0]).backward()  # nothing left to fire
+    assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
+
+
+# -- found by the property test ----------------------------------------------
+
+
+def test_a_zeroed_gradient_among_clipped_ones_is_not_stale_after_the_step(net):
+    """An unseen clear of one layer, then clipping: its zeros are not re-applied content."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with (
+        structlog.testing.capture_logs(),
+        gradguard.guarding(opt, model=net, mode="log") as g,
+        gradguard.testing.record(g) as fired,
+    ):
+        b = batches(1)[0]
+        loss_of(net, b).backward()
+        net.encoder.zero_grad(set_to_none=False)  # a clear no wrapper sees
+        x, y = b
+        torch.nn.functional.mse_loss(net.head(net.encoder(x).detach()), y).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+        opt.step()
+        opt.step()  # re-applies the head's gradient; the encoder's was zeros
+    assert [(f.code, f.step, f.params) for f in fired] == [("GG101", 2, HEAD)]
+
+
+def test_nan_spread_by_clipping_over_zeros_is_not_called_stale(net):
+    """After a skipped AMP step, clipping turns zeros into NaN: that is GG201's, not GG101."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with (
+        structlog.testing.capture_logs(),
+        gradguard.guarding(opt, model=net, mode="log", check_numerics=False) as g,
+        gradguard.testing.record(g) as fired,
+    ):
+        b = batches(1)[0]
+        loss_of(net, b).backward()
+        opt.step()
+        net.encoder.requires_grad_(False)
+        net.zero_grad(set_to_none=False)  # a clear no wrapper sees
+        scaler.scale(loss_of(net, b) * float("inf")).backward()  # the head's grads: NaN
+        scaler.step(opt)  # skipped
+        scaler.update()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # NaN total: zeros become NaN
+        opt.step()
+    assert [f.code for f in fired] == []
