@@ -760,14 +760,12 @@ def test_a_bug_after_resuming_is_still_reported():
 # -- threads and processes ---------------------------------------------------
 
 
-def test_two_threads_with_different_bugs_see_only_their_own():
-    """Two threads train two models at once, each guard reports its own bug, results unchanged."""
+def test_threads_with_different_bugs_see_only_their_own():
+    """Three threads train three models at once: each guard sees its own bug, results unchanged."""
     bugs = {"stale": "GG101", "cleared": "GG102", "none": None}
     barrier = threading.Barrier(len(bugs), timeout=60)  # a thread that died fails, never hangs
 
-    def work(bug: str, guarded: bool, out: dict[str, Any]) -> None:
-        torch.manual_seed(0)
-        net = Net()
+    def work(net: Net, bug: str, guarded: bool, out: dict[str, Any]) -> None:
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         g = (
             gradguard.guard_of(gradguard.guard(opt, model=net, mode="log", check_numerics=False))
@@ -790,10 +788,12 @@ def test_two_threads_with_different_bugs_see_only_their_own():
     results: dict[str, dict[str, Any]] = {"plain": {}, "guarded": {}}
     with structlog.testing.capture_logs():
         for run in results:
-            threads = [
-                threading.Thread(target=work, args=(bug, run == "guarded", results[run]))
-                for bug in bugs
-            ]
+            threads = []
+            for bug in bugs:
+                torch.manual_seed(0)  # here: threads seeding the one global generator would race
+                net = Net()
+                args = (net, bug, run == "guarded", results[run])
+                threads.append(threading.Thread(target=work, args=args))
             for t in threads:
                 t.start()
             for t in threads:
