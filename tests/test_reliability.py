@@ -113,6 +113,7 @@ def only_user_hooks_left(opt: torch.optim.Optimizer, net: Net) -> bool:
         len(opt._optimizer_step_pre_hooks) == 1
         and len(opt._optimizer_step_post_hooks) == 1
         and "zero_grad" not in opt.__dict__
+        and "add_param_group" not in opt.__dict__
         and not any(p._post_accumulate_grad_hooks for p in net.parameters())
         and len(REGISTRY) == 0
     )
@@ -179,6 +180,22 @@ def test_a_result_still_on_the_device_that_fails_at_close_is_contained(monkeypat
     assert g is not None
     assert g.closed
     assert "zero_grad" not in opt.__dict__
+
+
+def test_a_failure_at_close_raises_internal_error_from_unguard_in_strict_mode(monkeypatch, net):
+    """In strict mode a failure while closing raises from ``unguard``, with every hook removed."""
+    monkeypatch.setattr(Guard, "_report_unused", lambda self, final, location=None: 1 / 0)
+    opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="strict")
+    with structlog.testing.capture_logs() as logs:
+        opt.zero_grad()
+        loss_of(net, batches(1)[0]).backward()
+        opt.step()
+        with pytest.raises(gradguard.GradGuardInternalError, match="failed internally in close"):
+            gradguard.unguard(opt)
+    assert [e["where"] for e in logs if e["event"] == "internal-error"] == ["close"]
+    assert gradguard.guard_of(opt) is None
+    assert not opt._optimizer_step_pre_hooks
+    assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
 
 
 def test_a_failing_step_hook_followed_by_other_hooks_keeps_step_working(monkeypatch):
