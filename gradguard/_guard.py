@@ -559,11 +559,6 @@ class Guard:
             self._sweep("post" if iterating == "pre" else "pre")
         else:
             self._sweep()
-        opt = self._opt_ref()
-        if opt is not None:
-            with _LOCK:
-                if _GUARDS.get(opt) is self:
-                    del _GUARDS[opt]
         for slot in self._slots.values():
             REGISTRY.release(slot, self._hook_failed)
         self._slots.clear()
@@ -591,6 +586,15 @@ class Guard:
         self._late = keep
         if not keep:
             self._unwrap()
+            self._forget()
+
+    def _forget(self) -> None:
+        """Stop being the optimizer's guard; until then `unguard` finds us to finish closing."""
+        opt = self._opt_ref()
+        if opt is not None:
+            with _LOCK:
+                if _GUARDS.get(opt) is self:
+                    del _GUARDS[opt]
 
     def _unwrap(self) -> None:
         """Put back what our method wrappers replaced, where they are still in place."""

@@ -220,8 +220,9 @@ def test_a_failing_step_hook_followed_by_other_hooks_keeps_step_working(monkeypa
     assert "zero_grad" not in opt.__dict__
 
 
-def test_a_failing_post_hook_is_removed_at_the_next_zero_grad(monkeypatch):
-    """A post-hook that fails while torch iterates the post-hooks is gone after the next clear."""
+@pytest.mark.parametrize("safe_point", ["zero_grad", "unguard"])
+def test_a_failing_post_hook_is_removed_at_the_next_safe_point(monkeypatch, safe_point):
+    """A post-hook failing while torch iterates the post-hooks goes at the next clear or unguard."""
     inject(monkeypatch, "step post-hook")
     torch.manual_seed(0)
     net = Net()
@@ -233,8 +234,15 @@ def test_a_failing_post_hook_is_removed_at_the_next_zero_grad(monkeypatch):
             loss_of(net, b).backward()
             opt.step()
         assert len(opt._optimizer_step_post_hooks) == 2  # ours is a no-op until a safe point
-        opt.zero_grad()
+        assert gradguard.guard_of(opt) is None
+        if safe_point == "zero_grad":
+            opt.zero_grad()
+        else:
+            g = gradguard.unguard(opt)
+            assert g is not None
+            assert g.closed
     assert len(opt._optimizer_step_post_hooks) == 1
+    assert gradguard.unguard(opt) is None
     assert not opt._optimizer_step_pre_hooks
     assert "zero_grad" not in opt.__dict__
     assert len([e for e in logs if e["event"] == "internal-error"]) == 1
