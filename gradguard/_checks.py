@@ -32,6 +32,8 @@ class StepVerdict:
             when nothing fresh is stepped).
         reapplied_changed: the previous step's gradient object, changed in
             place since (clipped again: GG101; zeroed: nothing to apply).
+        frozen_changed: frozen parameters' fresh gradients changed in place
+            since backward; zeroed ones apply nothing, so are not stale later.
         any_fresh: some trainable parameter holds a gradient from a backward
             since the last step.
         trainable: the optimizer holds at least one parameter that requires grad.
@@ -47,6 +49,7 @@ class StepVerdict:
     changed: list[torch.Tensor] = dataclasses.field(default_factory=list)
     reapplied: list[torch.Tensor] = dataclasses.field(default_factory=list)
     reapplied_changed: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    frozen_changed: list[torch.Tensor] = dataclasses.field(default_factory=list)
     any_fresh: bool = False
     trainable: bool = False
     fresh: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -70,10 +73,12 @@ def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
     verdict = StepVerdict()
     trainable = any_fresh = False
     for param, slot in entries:
-        if not param.requires_grad:
-            continue  # frozen: the optimizer skips or merely decays it
-        trainable = True
         grad = param.grad
+        if not param.requires_grad:
+            if grad is not None and not grad.is_sparse:
+                _judge_frozen(verdict, param, slot, grad)
+            continue
+        trainable = True
         if grad is not None and not grad.is_sparse:
             verdict.with_grad.append(param)
         if slot.lost:
@@ -119,6 +124,27 @@ def _judge_fresh(
         verdict.stale_changed.append(param)
     else:
         verdict.changed.append(param)
+
+
+def _judge_frozen(
+    verdict: StepVerdict, param: torch.Tensor, slot: Slot, grad: torch.Tensor
+) -> None:
+    # torch's optimizers apply any gradient present, requires_grad or not: a
+    # frozen layer whose old gradient was never cleared keeps moving by it.
+    # Only that is judged; a clear before the step applies nothing, which is
+    # what freezing asks for.
+    verdict.with_grad.append(param)
+    if slot.fresh:
+        verdict.any_fresh = True
+        if slot.holds(grad):
+            if slot.stale:
+                verdict.stale.append(param)
+        elif slot.stale:
+            verdict.reapplied_changed.append(param)  # zeros: a clear, fine; else still stale
+        else:
+            verdict.frozen_changed.append(param)
+    elif not slot.discarded:
+        _judge_unchanged(verdict, param, slot, grad)
 
 
 def _judge_unchanged(

@@ -225,13 +225,12 @@ class Reporter:
     def internal_error(self, exc: BaseException, where: str) -> None:
         """Log gradguard's own failure once; in strict mode raise it."""
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        _log().error(
-            "internal-error",
-            where=where,
-            error=f"{type(exc).__name__}: {exc}",
-            traceback=text,
-            note="gradguard disabled this guard; training continues unchanged",
-        )
+        error = f"{type(exc).__name__}: {exc}"
+        note = "gradguard disabled this guard; training continues unchanged"
+        try:
+            _log().error("internal-error", where=where, error=error, traceback=text, note=note)
+        except Exception:  # the user's log pipeline is broken too: never let that stop training
+            print(f"gradguard: internal-error in {where}: {error}; {note}\n{text}", file=sys.stderr)
         if self.mode == "strict":
             raise GradGuardInternalError(
                 f"gradguard failed internally in {where} ({type(exc).__name__}: {exc}) "

@@ -12,6 +12,7 @@ import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
 from typing import Any, TypeVar
 
 import torch
@@ -28,7 +29,7 @@ from gradguard._dispatch import (
     emit_record,
     has_record_sinks,
 )
-from gradguard._exceptions import GradGuardError
+from gradguard._exceptions import GradGuardError, GradGuardWarning
 from gradguard._findings import Finding, make_finding
 from gradguard._health import (
     Cadence,
@@ -49,6 +50,9 @@ Entries = list[tuple[torch.Tensor, Slot]]
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
 Refs = list[weakref.ref[torch.Tensor]]
+
+_PROPAGATE = (GradGuardError, GradGuardWarning)
+"""What a hook lets through: a strict finding, or a warning the user's filters made an error."""
 
 _GUARDS: weakref.WeakKeyDictionary[torch.optim.Optimizer, Guard] = weakref.WeakKeyDictionary()
 _LABELS: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)
@@ -74,6 +78,21 @@ class _Pending:
 
 def _refs(params: list[torch.Tensor]) -> Refs:
     return [weakref.ref(p) for p in params]
+
+
+# Every optimizer's step runs inside torch's hook-calling wrapper; they all
+# share this code object.
+_STEP_CODE = getattr(torch.optim.Optimizer.profile_hook_step(lambda *a: None), "__code__", None)
+
+
+def _step_running() -> bool:
+    """Whether this thread is inside some optimizer's ``step()`` (a frame walk; rare path)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_CODE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class Guard:
@@ -117,12 +136,17 @@ class Guard:
         self._judge_next = judge_first_step
         self._closed = False
         self._failed = False
-        self._handles: list[RemovableHandle] = []
-        self._zero_grad_prev: Any = None
+        self._handles: list[tuple[str, RemovableHandle]] = []
+        self._late: list[tuple[str, RemovableHandle]] = []  # see _detach
+        self._wrapped: dict[str, Any] = {}  # method name -> what our wrapper replaced
+        self._token = object()  # marks our wrappers
         self._entries(optimizer)
-        self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
-        self._handles.append(optimizer.register_step_post_hook(self._post_hook))
-        self._wrap_zero_grad(optimizer)
+        self._handles.append(("pre", optimizer.register_step_pre_hook(self._pre_hook)))
+        self._handles.append(("post", optimizer.register_step_post_hook(self._post_hook)))
+        # zero_grad: no torch hook sees a clear. add_param_group: new
+        # parameters are tracked at once, before a backward can write to them.
+        self._wrap(optimizer, "zero_grad", before="_before_zero_grad", after="_on_zero_grad")
+        self._wrap(optimizer, "add_param_group", before=None, after="_on_add_param_group")
 
     # -- public --------------------------------------------------------------
 
@@ -143,7 +167,7 @@ class Guard:
 
     @property
     def closed(self) -> bool:
-        """Whether the guard has removed its hooks."""
+        """Whether the guard is closed: by `close`, or disabled by an internal error."""
         return self._closed
 
     def summary(self) -> list[SummaryRow]:
@@ -153,10 +177,15 @@ class Guard:
     def close(self) -> None:
         """Report pending results, then remove every hook and wrapper; idempotent."""
         if self._closed:
+            self._sweep()  # hooks a failure left for later, now that it is safe
             return
         try:
             self._drain(wait=True)
             self._report_unused(final=True)
+        except _PROPAGATE:
+            raise
+        except Exception as exc:
+            self._fail(exc, "close")
         finally:
             self._detach()
 
@@ -164,33 +193,38 @@ class Guard:
 
     def _pre_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
         if self._closed:
+            self._sweep("post")  # torch is iterating the pre-hooks, not the post-hooks
             return
-        frame = id(sys._getframe(1))
         try:
             self._before_step(opt, args, kwargs)
-        except GradGuardError:
-            raise  # strict mode: the step does not run, so it is not pushed
+        except _PROPAGATE:
+            raise  # strict mode, or -W error: the step does not run, so it is not pushed
         except Exception as exc:
-            self._fail(exc, "the step pre-hook")
-        STEPS.frames.append(frame)
+            self._fail(exc, "the step pre-hook", iterating="pre")
+            return
+        STEPS.push(sys._getframe(1))  # torch's step wrapper, which calls both hooks
 
     def _post_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
-        if STEPS.frames:
-            STEPS.frames.pop()
+        STEPS.pop(sys._getframe(1))
         if self._closed:
+            self._sweep("pre")
             return
         try:
-            entries = self._current if self._current is not None else self._entries(opt)
-            self._current = None
-            zero_applied, self._zero_applied = self._zero_applied, set()
-            for param, slot in entries:
-                slot.on_applied(param)
-            if zero_applied:
-                for param, slot in entries:
-                    if id(param) in zero_applied:
-                        slot.applied = False
+            self._after_step(opt)
         except Exception as exc:
-            self._fail(exc, "the step post-hook")
+            self._fail(exc, "the step post-hook", iterating="post")
+
+    def _after_step(self, opt: torch.optim.Optimizer) -> None:
+        REGISTRY.new_window()
+        entries = self._current if self._current is not None else self._entries(opt)
+        self._current = None
+        zero_applied, self._zero_applied = self._zero_applied, set()
+        for param, slot in entries:
+            slot.on_applied(param)
+        if zero_applied:
+            for param, slot in entries:
+                if id(param) in zero_applied:
+                    slot.applied = False
 
     def _before_step(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
         if STEPS.running():
@@ -205,10 +239,19 @@ class Guard:
             # With a closure (LBFGS, SAM) backward runs inside the step.
             self._judge(opt, entries)
 
+    def _before_zero_grad(self, opt: torch.optim.Optimizer) -> None:
+        # Hook parameters unfrozen since the last step before their gradients
+        # go, so a backward that wrote to them counts as thrown away.
+        self._entries(opt)
+
     def _on_zero_grad(self, opt: torch.optim.Optimizer) -> None:
+        REGISTRY.new_window()
         inside_step = STEPS.inside()
         for param, slot in self._entries(opt):
             slot.on_clear(param, inside_step)
+
+    def _on_add_param_group(self, opt: torch.optim.Optimizer) -> None:
+        self._entries(opt)
 
     # -- judging -------------------------------------------------------------
 
@@ -238,6 +281,7 @@ class Guard:
         )
         on_zero = "GG103" if only_zeros_left else None
         self._defer_zero(verdict.reapplied_changed, location, on_zero, "GG101", each=True)
+        self._defer_zero(verdict.frozen_changed, location, None, None, each=True)
         if verdict.nothing_to_apply:
             self._report("GG103", [], location, self._step)
 
@@ -357,20 +401,27 @@ class Guard:
         *,
         each: bool,
     ) -> None:
-        """Report ``params`` as ``on_zero`` or ``on_nonzero`` once the device says which."""
+        """Report ``params`` as ``on_zero`` or ``on_nonzero`` once the device says which.
+
+        With ``each`` every parameter is judged on its own; without, the codes
+        apply to the whole group, only when every gradient in it is zero (or
+        every one nonzero): a single zero gradient may be legitimate (a dead
+        ReLU), all of them at once is a clear. Either way a zero gradient is
+        remembered as applying nothing. Non-finite ones are never judged.
+        """
         if not params:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        readback = zero_flags(grads, each=each) if len(grads) == len(params) else None
+        readback = zero_flags(grads) if len(grads) == len(params) else None
         del grads  # never hold gradients past this call
         if readback is None:
             return
         step = self._step
 
-        def resolve(values: list[float], alive: list[torch.Tensor | None]) -> None:
-            flags = values if each else values * len(alive)
-            zero = [p for p, z in zip(alive, flags, strict=True) if z and p is not None]
-            nonzero = [p for p, z in zip(alive, flags, strict=True) if not z and p is not None]
+        def resolve(flags: list[float], alive: list[torch.Tensor | None]) -> None:
+            # 1.0 zero, 0.0 nonzero, NaN non-finite: GG201's business, not judged here.
+            zero = [p for p, z in zip(alive, flags, strict=True) if z == 1 and p is not None]
+            nonzero = [p for p, z in zip(alive, flags, strict=True) if z == 0 and p is not None]
             for p in zero:
                 # The step applied zeros: a backward onto them later is not stale.
                 if step == self._step:
@@ -378,6 +429,10 @@ class Guard:
                 slot = self._slots.get(id(p))
                 if slot is not None:
                     slot.applied = slot.stale = False
+            if not each:
+                everyone = [p for p in alive if p is not None]
+                zero = everyone if all(z == 1 for z in flags) else []
+                nonzero = everyone if all(z == 0 for z in flags) else []
             for code, group in ((on_zero, zero), (on_nonzero, nonzero)):
                 if code is not None and group:
                     self._report(code, group, location, step)
@@ -386,20 +441,25 @@ class Guard:
 
     def _defer(self, readback: Readback, params: list[torch.Tensor], resolve: Resolver) -> None:
         """Resolve now when the values are readable (CPU) or must be (strict), else later."""
+        pending = _Pending(readback, _refs(params), resolve)
         if self.options.mode == "strict" or readback.ready():
-            resolve(readback.values(), list(params))
+            self._resolve(pending)
         else:
-            self._pending.append(_Pending(readback, _refs(params), resolve))
+            self._pending.append(pending)
 
     def _drain(self, wait: bool) -> None:
         keep = []
         for pending in self._pending:
             if wait or pending.readback.ready():
-                alive = [r() for r in pending.params]
-                pending.resolve(pending.readback.values(), alive)
+                self._resolve(pending)
             else:
                 keep.append(pending)
         self._pending = keep
+
+    def _resolve(self, pending: _Pending) -> None:
+        """Read a device result back and judge it; runs in a step pre-hook or in `close`."""
+        alive = [r() for r in pending.params]
+        pending.resolve(pending.readback.values(), alive)
 
     def _report(
         self,
@@ -457,7 +517,7 @@ class Guard:
         elif self._unhooked:
             for param, slot in self._unhooked:
                 if param.requires_grad:
-                    slot.hook(param)  # unfrozen since we last looked
+                    slot.hook_late(param)  # unfrozen since we last looked
             self._unhooked = [(p, s) for p, s in self._unhooked if s.handle is None]
         return self._cache
 
@@ -470,80 +530,156 @@ class Guard:
                 slot = slots.get(id(param))
                 if slot is None or slot.param_ref() is not param:
                     if slot is not None:
-                        REGISTRY.release(slot)
+                        REGISTRY.release(slot, self._hook_failed)
                     slot = slots[id(param)] = REGISTRY.acquire(param, self._hook_failed)
                 elif slot.handle is None and param.requires_grad:
-                    slot.hook(param)
+                    slot.hook_late(param)
                 out.append((param, slot))
         return out
 
-    def _wrap_zero_grad(self, opt: torch.optim.Optimizer) -> None:
-        # An instance attribute, never a class patch: Optimizer.__getstate__
-        # drops it, so pickling and deepcopy see the plain optimizer.
-        prev = opt.__dict__.get("zero_grad")
-        self._zero_grad_prev = prev
+    def _wrap(
+        self, opt: torch.optim.Optimizer, name: str, *, before: str | None, after: str
+    ) -> None:
+        """Wrap ``opt.<name>`` to call our ``before`` and ``after`` methods around it.
+
+        An instance attribute, never a class patch: ``Optimizer.__getstate__``
+        drops it, so pickling and deepcopy see the plain optimizer. A failure
+        in our part disables the guard and never changes the call's result.
+        """
+        prev = opt.__dict__.get(name)
+        self._wrapped[name] = prev
         opt_ref = weakref.ref(opt)
         guard_ref = weakref.ref(self)
-        original: Callable[..., Any] = prev if prev is not None else type(opt).zero_grad
+        original: Callable[..., Any] = prev if prev is not None else getattr(type(opt), name)
+        where = f"the {name} wrapper"
 
         @functools.wraps(original)
-        def zero_grad(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             target = opt_ref()
             if prev is None:
                 args = (target, *args)
-            result = original(*args, **kwargs)
             g = guard_ref()
-            if g is not None and target is not None and not g._closed:
+            if before is not None and g is not None and target is not None and not g._closed:
                 try:
-                    g._on_zero_grad(target)
+                    getattr(g, before)(target)
                 except Exception as exc:
-                    g._fail(exc, "the zero_grad wrapper")
+                    g._fail(exc, where)
+            result = original(*args, **kwargs)
+            if g is None or target is None:
+                return result
+            if g._closed:
+                g._sweep()  # a failure left hooks behind; outside a step it is safe
+            else:
+                try:
+                    getattr(g, after)(target)
+                except Exception as exc:
+                    g._fail(exc, where)
             return result
 
-        zero_grad.__gradguard__ = True  # type: ignore[attr-defined]
-        opt.zero_grad = zero_grad  # type: ignore[method-assign]
+        wrapper.__gradguard__ = self._token  # type: ignore[attr-defined]
+        setattr(opt, name, wrapper)
 
     # -- lifecycle -----------------------------------------------------------
 
-    def _detach(self) -> None:
+    def _detach(self, iterating: str | None = None, *, force: bool = False) -> None:
+        """Remove every hook and wrapper, except step hooks torch may be iterating.
+
+        ``iterating`` is ``"pre"`` or ``"post"`` when called from inside that
+        step hook: removing an entry from the dict torch is looping over would
+        raise ``OrderedDict mutated during iteration`` out of ``step()`` as
+        soon as another hook follows ours. Such a hook stays, as a no-op,
+        until `_sweep` runs at a safe point: our other step hook, the next
+        ``zero_grad()`` outside a step, `close`, or the optimizer's
+        collection. ``force`` removes everything now (the caller is about to
+        raise out of torch's loop).
+        """
         if self._closed:
             return
         self._closed = True
-        for handle in reversed(self._handles):
-            handle.remove()
+        STEPS.running()  # drop frames of steps that died raising: they hold their optimizer
+        self._late.extend(reversed(self._handles))
         self._handles.clear()
-        opt = self._opt_ref()
-        if opt is not None:
-            current = opt.__dict__.get("zero_grad")
-            if getattr(current, "__gradguard__", False):
-                if self._zero_grad_prev is None:
-                    del opt.__dict__["zero_grad"]
-                else:
-                    opt.__dict__["zero_grad"] = self._zero_grad_prev
-            with _LOCK:
-                if _GUARDS.get(opt) is self:
-                    del _GUARDS[opt]
+        if force:
+            self._sweep(force=True)
+        elif iterating is not None:
+            self._sweep("post" if iterating == "pre" else "pre")
+        else:
+            self._sweep()
         for slot in self._slots.values():
-            REGISTRY.release(slot)
+            REGISTRY.release(slot, self._hook_failed)
         self._slots.clear()
         self._cache, self._unhooked, self._never_used, self._params = [], [], [], []
         self._pending.clear()
         self._unused.clear()
         self._current = None
 
+    def _sweep(self, phase: str | None = None, *, force: bool = False) -> None:
+        """Remove the step hooks left by `_detach` (only ``phase``'s when given).
+
+        Without a phase, only when this thread runs no optimizer step: a
+        ``zero_grad()`` called from another step hook must not edit the dicts
+        torch is iterating. The ``zero_grad`` wrapper goes with the last hook,
+        since it is what calls this in a loop that keeps running.
+        """
+        if self._late and phase is None and not force and _step_running():
+            return
+        keep = []
+        for which, handle in self._late:
+            if phase is None or which == phase:
+                handle.remove()
+            else:
+                keep.append((which, handle))
+        self._late = keep
+        if not keep:
+            self._unwrap()
+            self._forget()
+
+    def _forget(self) -> None:
+        """Stop being the optimizer's guard; until then `unguard` finds us to finish closing."""
+        opt = self._opt_ref()
+        if opt is not None:
+            with _LOCK:
+                if _GUARDS.get(opt) is self:
+                    del _GUARDS[opt]
+
+    def _unwrap(self) -> None:
+        """Put back what our method wrappers replaced, where they are still in place."""
+        opt = self._opt_ref()
+        if opt is None:
+            return
+        for name, prev in self._wrapped.items():
+            current = opt.__dict__.get(name)
+            if getattr(current, "__gradguard__", None) is self._token:
+                if prev is None:
+                    del opt.__dict__[name]
+                else:
+                    opt.__dict__[name] = prev
+
     def _optimizer_collected(self, _ref: object) -> None:
         self._pending.clear()  # nothing left to name or report against
         self._detach()
+        self._late.clear()  # the hook dicts died with the optimizer
 
     def _hook_failed(self, exc: BaseException) -> None:
         self._fail(exc, "the post-accumulate hook")
 
-    def _fail(self, exc: BaseException, where: str) -> None:
+    def _fail(self, exc: BaseException, where: str, iterating: str | None = None) -> None:
+        """Disable this guard after an internal error; log it once, and raise it in strict mode.
+
+        Never raises anything else: the user's step, backward or zero_grad goes
+        on exactly as without gradguard.
+        """
         if self._failed:
             return
         self._failed = True
         self._pending.clear()
-        self._detach()
+        try:
+            # Strict mode raises out of torch's hook loop, which then never
+            # steps its iterator again: removing our hook now is safe.
+            self._detach(iterating, force=self.options.mode == "strict")
+        except Exception as detach_exc:  # half-detached is still disabled
+            self._closed = True
+            where = f"{where} (then removing its hooks failed: {detach_exc!r})"
         self._reporter.internal_error(exc, where)
 
 

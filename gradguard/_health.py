@@ -58,18 +58,21 @@ def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
 
 
-def zero_flags(grads: list[torch.Tensor], *, each: bool) -> Readback | None:
-    """Queue "exactly zero" for ``grads`` as one batched reduction.
+def zero_flags(grads: list[torch.Tensor]) -> Readback | None:
+    """Queue "exactly zero" for each of ``grads`` as one batched reduction.
 
-    With ``each`` one flag per tensor, else one flag for all of them together.
-    Returns ``None`` when the tensors span several devices, where one result
-    would need a cross-device copy per step.
+    One value per tensor: 1.0 for zero, 0.0 for finite and nonzero, NaN for
+    non-finite. A NaN or Inf says nothing about a clear: clipping spreads one
+    gradient's NaN over every other, zeros included. Returns ``None`` when
+    the tensors span several devices, where one result would need a
+    cross-device copy per step.
     """
     if not _one_device(grads):
         return None
     with torch.no_grad():
         norms = _norms(grads)
-        return Readback(norms.eq(0) if each else norms.amax().eq(0))
+        unknown = torch.full_like(norms, math.nan)
+        return Readback(torch.where(norms.isfinite(), norms.eq(0).to(norms.dtype), unknown))
 
 
 def grad_norms(

@@ -15,6 +15,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import torch
@@ -22,28 +23,49 @@ from torch.utils.hooks import RemovableHandle
 
 ErrorHandler = Callable[[BaseException], None]
 
+# The running backward's id (torch >= 2.1), to look for unfrozen parameters
+# once per backward rather than once per parameter.
+_graph_task: Callable[[], int] | None = getattr(torch._C, "_current_graph_task_id", None)
+
 
 class _StepStack(threading.local):
-    """The optimizer steps running in this thread, as ids of their frames.
+    """The optimizer steps running in this thread, as torch's step-wrapper frames.
 
     A step that starts while another is running (``super().step()``, a
     Lookahead or SAM wrapper stepping its base optimizer) is part of that
     outer step: one update, judged once.
+
+    The frames are held, not their ids: a step that dies raising (the user's
+    own hook, the optimizer's body) never pops its frame, and a later frame
+    reusing a dead one's id would look like a step still running, so every
+    following step would be skipped as nested. Held frames live until they
+    are found off the stack.
     """
 
     def __init__(self) -> None:
-        self.frames: list[int] = []
+        self.frames: list[FrameType] = []
+
+    def push(self, frame: FrameType) -> None:
+        """A step whose wrapper runs in ``frame`` started."""
+        self.frames.append(frame)
+
+    def pop(self, frame: FrameType) -> None:
+        """The step whose wrapper runs in ``frame`` ended (no-op if never pushed)."""
+        for i in range(len(self.frames) - 1, -1, -1):
+            if self.frames[i] is frame:
+                del self.frames[i]
+                return
 
     def running(self) -> bool:
         """Whether a step is running in this thread, dropping steps that died raising."""
         if not self.frames:
             return False
         live = set()
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         while frame is not None:
             live.add(id(frame))
-            frame = frame.f_back  # type: ignore[assignment]
-        self.frames = [f for f in self.frames if f in live]
+            frame = frame.f_back
+        self.frames = [f for f in self.frames if id(f) in live]
         return bool(self.frames)
 
     def inside(self) -> bool:
@@ -76,6 +98,7 @@ class Slot:
         "finalizer",
         "fresh",
         "handle",
+        "key",
         "lost",
         "on_error",
         "param_ref",
@@ -87,9 +110,12 @@ class Slot:
         "version",
     )
 
-    def __init__(self, param: torch.Tensor, on_error: ErrorHandler) -> None:
+    def __init__(self, param: torch.Tensor) -> None:
         self.param_ref = weakref.ref(param)
-        self.on_error = on_error
+        self.key = id(param)
+        # One handler per guard sharing the slot: a failure disables every one
+        # of them, since each would go on judging the same broken state.
+        self.on_error: list[ErrorHandler] = []
         self.handle: RemovableHandle | None = None
         self.finalizer: weakref.finalize[Any, Any] | None = None
         self.users = 0
@@ -117,6 +143,19 @@ class Slot:
                 self.on_accumulate
             )
 
+    def hook_late(self, param: torch.Tensor) -> None:
+        """Hook a parameter unfrozen since it was last looked at.
+
+        A backward may already have written to it with no hook to see it: a
+        gradient we do not hold counts as that backward's result.
+        """
+        if self.handle is not None:
+            return  # hooked since: a later change in place is no backward
+        grad = param.grad
+        if grad is not None and not self.holds(grad):
+            self._accumulated(param)
+        self.hook(param)
+
     def unhook(self) -> None:
         """Remove the hook; idempotent."""
         if self.handle is not None:
@@ -124,34 +163,54 @@ class Slot:
             self.handle = None
 
     def on_accumulate(self, param: torch.Tensor) -> None:
-        """Post-accumulate hook: backward just wrote into ``param.grad``."""
+        """Post-accumulate hook: backward just wrote into ``param.grad``.
+
+        A failure is handed to every guard's ``on_error`` (their containment),
+        never left to break the user's backward; only a strict guard raises.
+        """
         try:
-            grad = param.grad
-            if grad is None:  # a hook of someone else's cleared it
-                self.ref = None
-                return
-            version = grad._version
-            ref = self.ref
-            if ref is not None and version == self.version + 1 and ref() is grad:
-                # Accumulated onto the gradient we saw last: a step that
-                # applied it without a clear in between makes it stale.
-                if self.applied:
-                    self.stale = True
-                self.fresh += 1
-            else:
-                # A new object, or one changed in place since we saw it
-                # (cleared, rescaled): its history ends here.
-                if self.fresh and not self.stale and grad.grad_fn is None:
-                    self._discard(param)  # create_graph replaces .grad keeping its content
-                self.ref = weakref.ref(grad)
-                self.stale = False
-                self.fresh = 1
-            self.used = True
-            self.version = version
-            self.applied = False
-            self.discarded = 0
-        except Exception as exc:  # never break a user's backward
-            self.on_error(exc)
+            self._accumulated(param)
+        except Exception as exc:
+            self.failed(exc)
+        if REGISTRY.frozen:
+            REGISTRY.look_for_unfrozen()
+
+    def failed(self, exc: BaseException) -> None:
+        """Tell every guard using this slot that tracking it failed with ``exc``."""
+        raised: BaseException | None = None
+        for handler in list(self.on_error):
+            try:
+                handler(exc)
+            except BaseException as err:  # strict mode: raise once all are told
+                raised = raised or err
+        if raised is not None:
+            raise raised
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        grad = param.grad
+        if grad is None:  # a hook of someone else's cleared it
+            self.ref = None
+            return
+        version = grad._version
+        ref = self.ref
+        if ref is not None and version == self.version + 1 and ref() is grad:
+            # Accumulated onto the gradient we saw last: a step that
+            # applied it without a clear in between makes it stale.
+            if self.applied:
+                self.stale = True
+            self.fresh += 1
+        else:
+            # A new object, or one changed in place since we saw it
+            # (cleared, rescaled): its history ends here.
+            if self.fresh and not self.stale and grad.grad_fn is None:
+                self._discard(param)  # create_graph replaces .grad keeping its content
+            self.ref = weakref.ref(grad)
+            self.stale = False
+            self.fresh = 1
+        self.used = True
+        self.version = version
+        self.applied = False
+        self.discarded = 0
 
     def _discard(self, param: torch.Tensor) -> None:
         # Not lost work: a clear inside a step (LBFGS, SAM with a closure), or
@@ -217,27 +276,73 @@ class Registry:
     def __init__(self) -> None:
         self._slots: dict[int, Slot] = {}
         self._lock = threading.Lock()
+        # Slots of parameters that were frozen when last looked at: they have
+        # no hook. Each backward looks once whether any was unfrozen since, so
+        # a backward into one is seen from the first, not only from the next
+        # step or clear; it takes a backward that also writes to a parameter
+        # already hooked.
+        self.frozen: dict[int, Slot] = {}
+        self.window = 0
+        self.looked = -1
 
     def acquire(self, param: torch.Tensor, on_error: ErrorHandler) -> Slot:
-        """Return the parameter's slot, creating and hooking it on first use."""
+        """Return the parameter's slot, creating and hooking it on first use.
+
+        ``on_error`` is called if tracking the parameter fails in backward.
+        """
         with self._lock:
             key = id(param)
             slot = self._slots.get(key)
             if slot is None or slot.param_ref() is not param:
-                slot = Slot(param, on_error)
+                slot = Slot(param)
                 self._slots[key] = slot
                 slot.finalizer = weakref.finalize(param, self._forget, key, weakref.ref(slot))
             slot.users += 1
+            slot.on_error.append(on_error)
         slot.hook(param)
+        if slot.handle is None:
+            with self._lock:
+                self.frozen[key] = slot
         return slot
 
-    def release(self, slot: Slot) -> None:
-        """Drop one user of ``slot``; the last one removes its hook."""
+    def new_window(self) -> None:
+        """A step or a clear happened (what marks a new backward where torch cannot)."""
+        self.window += 1
+
+    def look_for_unfrozen(self) -> None:
+        """Once per backward, hook the watched parameters unfrozen since last looked at."""
+        mark = _graph_task() if _graph_task is not None else self.window
+        if mark != self.looked:
+            self.looked = mark
+            self.hook_unfrozen()
+
+    def hook_unfrozen(self) -> None:
+        """Hook the watched parameters unfrozen since they were last looked at."""
         with self._lock:
+            waiting = list(self.frozen.items())
+        for key, slot in waiting:
+            param = slot.param_ref()
+            if param is not None and not param.requires_grad and slot.handle is None:
+                continue
+            with self._lock:
+                self.frozen.pop(key, None)
+            if param is not None:
+                try:
+                    slot.hook_late(param)
+                except Exception as exc:
+                    slot.failed(exc)
+
+    def release(self, slot: Slot, on_error: ErrorHandler) -> None:
+        """Drop the user of ``slot`` that passed ``on_error``; the last one removes its hook."""
+        with self._lock:
+            if on_error in slot.on_error:
+                slot.on_error.remove(on_error)
             slot.users -= 1
             if slot.users > 0:
                 return
             slot.unhook()
+            if self.frozen.get(slot.key) is slot:
+                del self.frozen[slot.key]
             if slot.finalizer is not None:
                 slot.finalizer.detach()
             param = slot.param_ref()
@@ -246,8 +351,11 @@ class Registry:
 
     def _forget(self, key: int, slot_ref: weakref.ref[Slot]) -> None:
         with self._lock:
-            if self._slots.get(key) is slot_ref():
+            slot = slot_ref()
+            if self._slots.get(key) is slot:
                 del self._slots[key]
+            if self.frozen.get(key) is slot:
+                del self.frozen[key]
 
     def watched(self) -> list[int]:
         """Ids of the parameters some live guard watches."""

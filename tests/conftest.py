@@ -80,3 +80,24 @@ def subprocess_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     monkeypatch.delenv("GRADGUARD", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     return dict(os.environ)
+
+
+SOAK_DEFAULT = 2_000
+SOAK_FULL = 20_000
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        help=f"run the soak test in full, {SOAK_FULL:,} steps (default {SOAK_DEFAULT:,}, "
+        "or GRADGUARD_SOAK_STEPS)",
+    )
+
+
+@pytest.fixture
+def soak_steps(request: pytest.FixtureRequest) -> int:
+    """Soak test steps: the full count with ``--soak``, else GRADGUARD_SOAK_STEPS or 2,000."""
+    if request.config.getoption("soak"):
+        return SOAK_FULL
+    return int(os.environ.get("GRADGUARD_SOAK_STEPS", SOAK_DEFAULT))
