@@ -7,10 +7,21 @@ only a weak reference and the tensor's version counter.
 
 The post-accumulate hook is the hot path: per parameter and per backward it
 compares one weak reference and one version number and bumps a counter.
+
+Two things can change a gradient in place after that hook and before the
+backward pass returns: DistributedDataParallel's reducer (it averages the
+gradient, and with ``gradient_as_bucket_view=True`` swaps ``.grad`` for a view
+into its bucket), and other hooks. Their work is part of producing the
+gradient, so each slot written by a backward is re-read when that backward
+ends (`_Backward`). Gradients that are views into one buffer (DDP buckets,
+contiguous gradient buffers) share one version counter, so the version
+arithmetic that tells "accumulated onto" from "changed in place" is done once
+per buffer instead of per gradient (`_Backward.shared`).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import weakref
@@ -52,6 +63,66 @@ class _StepStack(threading.local):
 
 
 STEPS = _StepStack()
+
+_graph_task_id: Callable[[], int] = torch._C._current_graph_task_id
+_ENGINE: Any = torch.autograd.Variable._execution_engine
+
+
+class _Backward:
+    """What one backward pass wrote: its slots, re-read when the pass ends.
+
+    Attributes:
+        slots: slots whose post-accumulate hook ran in this pass.
+        shared: for gradients that are views into one buffer, keyed by the
+            buffer and the version all their slots last recorded, whether the
+            first of them written in this pass found the buffer untouched since.
+    """
+
+    __slots__ = ("shared", "slots")
+
+    def __init__(self) -> None:
+        self.slots: list[Slot] = []
+        self.shared: dict[tuple[int, int], bool] = {}
+
+
+_BACKWARDS: dict[int, _Backward] = {}
+# Verdicts for hooks that run outside any graph task we can attach to.
+_LOOSE = _Backward()
+
+
+def _current_backward() -> _Backward:
+    """The record of the backward pass running now, created with its end-of-pass callback."""
+    task = _graph_task_id()
+    record = _BACKWARDS.get(task)
+    if record is not None:
+        return record
+    if task < 0:
+        if len(_LOOSE.shared) > 4096:
+            _LOOSE.shared.clear()
+        return _LOOSE
+    if len(_BACKWARDS) > 256:
+        _BACKWARDS.clear()  # passes that raised never ran their callbacks
+    record = _BACKWARDS[task] = _Backward()
+    try:
+        _ENGINE.queue_callback(functools.partial(_backward_ended, task, True))
+    except RuntimeError:  # no callbacks here (a compiled backward): keep the loose record
+        del _BACKWARDS[task]
+        return _LOOSE
+    return record
+
+
+def _backward_ended(task: int, requeue: bool) -> None:
+    """Re-read every slot the pass wrote, after every other end-of-pass callback."""
+    if requeue:
+        # DDP queues its own callback (which writes the averaged gradients)
+        # after ours, at its last bucket; queueing again runs us after it.
+        _ENGINE.queue_callback(functools.partial(_backward_ended, task, False))
+        return
+    record = _BACKWARDS.pop(task, None)
+    if record is None:
+        return
+    for slot in record.slots:
+        slot.resync()
 
 
 class Slot:
@@ -132,7 +203,25 @@ class Slot:
                 return
             version = grad._version
             ref = self.ref
-            if ref is not None and version == self.version + 1 and ref() is grad:
+            backward = _current_backward()
+            backward.slots.append(self)
+            if ref is not None and ref() is grad:
+                if version == self.version + 1:
+                    onto_last = True
+                    if grad._is_view():
+                        backward.shared.setdefault(_buffer_key(grad, self.version), True)
+                elif grad._is_view():
+                    # Other gradients in the same buffer moved the shared
+                    # counter. Inside a window that is accumulation as usual;
+                    # onto an applied gradient it is stale only if the first
+                    # write into the buffer found it untouched since the step.
+                    key = _buffer_key(grad, self.version)
+                    onto_last = not self.applied or backward.shared.setdefault(key, False)
+                else:
+                    onto_last = False
+            else:
+                onto_last = False
+            if onto_last:
                 # Accumulated onto the gradient we saw last: a step that
                 # applied it without a clear in between makes it stale.
                 if self.applied:
@@ -151,6 +240,16 @@ class Slot:
             self.applied = False
             self.discarded = 0
         except Exception as exc:  # never break a user's backward
+            self.on_error(exc)
+
+    def resync(self) -> None:
+        """The backward that wrote this gradient ended: remember what it left in ``.grad``."""
+        try:
+            param = self.param_ref()
+            grad = None if param is None else param.grad
+            if grad is not None:
+                self.see(grad)
+        except Exception as exc:
             self.on_error(exc)
 
     def _discard(self, param: torch.Tensor) -> None:
@@ -209,6 +308,12 @@ class Slot:
     def holds(self, grad: torch.Tensor) -> bool:
         """Whether ``grad`` is exactly the object and version last seen."""
         return self.ref is not None and self.ref() is grad and grad._version == self.version
+
+
+def _buffer_key(grad: torch.Tensor, version: int) -> tuple[int, int]:
+    """The buffer a view-gradient lives in (its base's address) and a version of it."""
+    base = grad._base
+    return (base.data_ptr() if base is not None else grad.data_ptr(), version)
 
 
 class Registry:
