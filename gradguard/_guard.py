@@ -105,6 +105,7 @@ class Guard:
         self._zero_applied: set[int] = set()  # params this step applies as all-zero
         self._step = 0
         self._judge_next = judge_first_step
+        self._judge_after: int | None = None  # frame of a closure step judged when it returns
         self._closed = False
         self._failed = False
         self._handles: list[RemovableHandle] = []
@@ -157,7 +158,8 @@ class Guard:
             return
         frame = id(sys._getframe(1))
         try:
-            self._before_step(opt, args, kwargs)
+            if self._before_step(opt, args, kwargs):
+                self._judge_after = frame
         except GradGuardError:
             raise  # strict mode: the step does not run, so it is not pushed
         except Exception as exc:
@@ -169,9 +171,18 @@ class Guard:
             STEPS.frames.pop()
         if self._closed:
             return
+        error: GradGuardError | None = None
         try:
             entries = self._current if self._current is not None else self._entries(opt)
             self._current = None
+            if self._judge_after is not None and self._judge_after == id(sys._getframe(1)):
+                self._judge_after = None
+                try:
+                    self._judge(opt, entries)
+                except GradGuardError as exc:
+                    error = exc  # strict mode: raise once the step is recorded
+            if STEPS.inside():
+                return  # nested: the outer step records what it applied, once judged
             zero_applied, self._zero_applied = self._zero_applied, set()
             for param, slot in entries:
                 slot.on_applied(param)
@@ -179,19 +190,30 @@ class Guard:
                     slot.applied = False
         except Exception as exc:
             self._fail(exc, "the step post-hook")
+        if error is not None:
+            raise error
 
-    def _before_step(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
+    def _before_step(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> bool:
+        """Count and judge a step about to run; true when it is judged when it returns.
+
+        A step given a closure (LBFGS, SAM, every step PyTorch Lightning takes)
+        may run backward and zero_grad inside itself, so what it applies is
+        only known once it returns.
+        """
         if STEPS.running():
             self._current = None
-            return  # nested in another step: one update, judged by the outer step
+            return False  # nested in another step: one update, judged by the outer step
         self._step += 1
         self._drain(wait=False)
         entries = self._current = self._entries(opt)
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         judge, self._judge_next = self._judge_next, True
-        if judge and closure is None:
-            # With a closure (LBFGS, SAM) backward runs inside the step.
-            self._judge(opt, entries)
+        if not judge:
+            return False
+        if closure is not None:
+            return True
+        self._judge(opt, entries)
+        return False
 
     def _on_zero_grad(self, opt: torch.optim.Optimizer) -> None:
         inside_step = STEPS.inside()
