@@ -205,20 +205,22 @@ class Slot:
             ref = self.ref
             backward = _current_backward()
             backward.slots.append(self)
-            if ref is not None and ref() is grad:
-                if version == self.version + 1:
-                    onto_last = True
-                    if grad._is_view():
-                        backward.shared.setdefault(_buffer_key(grad, self.version), True)
-                elif grad._is_view():
-                    # Other gradients in the same buffer moved the shared
-                    # counter. Inside a window that is accumulation as usual;
-                    # onto an applied gradient it is stale only if the first
-                    # write into the buffer found it untouched since the step.
-                    key = _buffer_key(grad, self.version)
-                    onto_last = not self.applied or backward.shared.setdefault(key, False)
-                else:
-                    onto_last = False
+            same = ref is not None and ref() is grad
+            if same and version == self.version + 1:
+                onto_last = True
+                if grad._is_view():
+                    backward.shared.setdefault(_buffer_key(grad, self.version), True)
+            elif not grad._is_view():
+                onto_last = False
+            elif not self.applied:
+                # A view into a buffer others write to (a DDP bucket), inside a
+                # window: the shared counter moved, or DDP rebuilt its buckets
+                # and copied the gradient into a new view. Accumulation as usual.
+                onto_last = True
+            elif same:
+                # Onto an applied gradient: stale only if the first write into
+                # the buffer since then found it untouched.
+                onto_last = backward.shared.setdefault(_buffer_key(grad, self.version), False)
             else:
                 onto_last = False
             if onto_last:
@@ -226,6 +228,8 @@ class Slot:
                 # applied it without a clear in between makes it stale.
                 if self.applied:
                     self.stale = True
+                if not same:
+                    self.ref = weakref.ref(grad)
                 self.fresh += 1
             else:
                 # A new object, or one changed in place since we saw it
