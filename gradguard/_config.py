@@ -21,6 +21,7 @@ class Options:
     explode_factor: float = 10.0
     max_grad_norm: float | None = None
     unused_after: int = 20
+    check_ranks_every: int | None = None
 
 
 def make_options(
@@ -33,6 +34,7 @@ def make_options(
     explode_factor: object = 10.0,
     max_grad_norm: object = None,
     unused_after: object = 20,
+    check_ranks_every: object = None,
 ) -> Options:
     """Check every option and return them as `Options`; raise naming the bad one."""
     return Options(
@@ -44,6 +46,7 @@ def make_options(
         explode_factor=_positive_float("explode_factor", explode_factor, above=1.0) or 10.0,
         max_grad_norm=_positive_float("max_grad_norm", max_grad_norm, optional=True),
         unused_after=_positive_int("unused_after", unused_after) or 20,
+        check_ranks_every=_positive_int("check_ranks_every", check_ranks_every, optional=True),
     )
 
 

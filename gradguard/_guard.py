@@ -32,6 +32,9 @@ from gradguard._health import (
 )
 from gradguard._models import ModelWatch
 from gradguard._naming import Location, ParamNamer, fallback_names, user_location
+from gradguard._ranks import Exchange
+from gradguard._ranks import compare as compare_ranks
+from gradguard._ranks import start as start_rank_check
 from gradguard._session import session_defaults
 from gradguard._tracker import REGISTRY, STEPS, Slot
 
@@ -56,7 +59,7 @@ class _Pending:
 
     __slots__ = ("params", "readback", "resolve")
 
-    def __init__(self, readback: Readback, params: Refs, resolve: Resolver) -> None:
+    def __init__(self, readback: Readback | Exchange, params: Refs, resolve: Resolver) -> None:
         self.readback = readback
         # Parameters, not gradients: naming them later must not keep grads alive.
         self.params = params
@@ -223,6 +226,9 @@ class Guard:
     # -- judging -------------------------------------------------------------
 
     def _judge(self, opt: torch.optim.Optimizer, entries: Entries) -> None:
+        every = self.options.check_ranks_every
+        if every is not None and self._step % every == 0:
+            self._check_ranks(entries)  # first: every rank must take part, whatever it finds
         verdict = judge_step(entries)
         if not verdict.trainable:
             return
@@ -250,6 +256,25 @@ class Guard:
         self._defer_zero(verdict.reapplied_changed, location, on_zero, "GG101", each=True)
         if verdict.nothing_to_apply:
             self._report("GG103", [], location, self._step)
+
+    def _check_ranks(self, entries: Entries) -> None:
+        """GG401: compare what this step applies with the other ranks, one small collective."""
+        params = [p for p, _ in entries]
+        exchange = start_rank_check([p.grad for p in params], self._step)
+        if exchange is None:
+            return
+        location = user_location()
+        step = self._step
+
+        def resolve(values: list[float], alive: list[torch.Tensor | None]) -> None:
+            found = compare_ranks(values, exchange.ranks)
+            if found is None:
+                return
+            named = [p for p in (alive[i] for i in found.params) if p is not None]
+            # A step or count mismatch is about the whole model, not some parameters.
+            self._report("GG401", named or self._trainable(), location, step, found.detail)
+
+        self._defer(exchange, params, resolve)
 
     def _judge_models(self, entries: Entries, verdict: StepVerdict, location: Location) -> None:
         """GG301-GG303: is every parameter really trained, by a model in train mode."""
@@ -362,7 +387,9 @@ class Guard:
 
         self._defer(readback, params, resolve)
 
-    def _defer(self, readback: Readback, params: list[torch.Tensor], resolve: Resolver) -> None:
+    def _defer(
+        self, readback: Readback | Exchange, params: list[torch.Tensor], resolve: Resolver
+    ) -> None:
         """Resolve now when the values are readable (CPU) or must be (strict), else later."""
         if self.options.mode == "strict" or readback.ready():
             resolve(readback.values(), list(params))
@@ -602,6 +629,7 @@ def guard(
     explode_factor: float = 10.0,
     max_grad_norm: float | None = None,
     unused_after: int = 20,
+    check_ranks_every: int | None = None,
 ) -> OptimizerT:
     """Watch ``optimizer`` for gradient-handling bugs and return it unchanged.
 
@@ -628,6 +656,11 @@ def guard(
         max_grad_norm: GG202 also fires above this absolute total norm.
         unused_after: steps after which a parameter that never received a
             gradient is reported (GG301).
+        check_ranks_every: under ``torch.distributed``, every this many steps
+            compare a fingerprint of the gradients about to be applied across
+            ranks, with one small collective, and report ranks that disagree
+            (GG401). Off by default; for data-parallel replicas (DDP), not
+            sharded training.
 
     Raises:
         TypeError: ``optimizer`` is not an optimizer (a model, ``None``, ...),
@@ -645,6 +678,7 @@ def guard(
         explode_factor=explode_factor,
         max_grad_norm=max_grad_norm,
         unused_after=unused_after,
+        check_ranks_every=check_ranks_every,
     )
     return optimizer
 
@@ -662,6 +696,7 @@ def guarding(
     explode_factor: float = 10.0,
     max_grad_norm: float | None = None,
     unused_after: int = 20,
+    check_ranks_every: int | None = None,
 ) -> Iterator[Guard]:
     """Guard ``optimizer`` inside a ``with`` block; every hook is removed on exit, even on error.
 
@@ -682,6 +717,7 @@ def guarding(
         explode_factor=explode_factor,
         max_grad_norm=max_grad_norm,
         unused_after=unused_after,
+        check_ranks_every=check_ranks_every,
     )
     try:
         yield g
