@@ -30,6 +30,8 @@ from gradguard._health import (
     largest_shares,
     zero_flags,
 )
+from gradguard._integrations import accumulation_steps as framework_accumulation
+from gradguard._integrations import unwrap
 from gradguard._models import ModelWatch
 from gradguard._naming import Location, ParamNamer, fallback_names, user_location
 from gradguard._ranks import Exchange
@@ -573,6 +575,7 @@ def _check_optimizer(optimizer: object) -> torch.optim.Optimizer:
             f"guard() takes the optimizer, not the model ({type(optimizer).__name__}); "
             "use guard(torch.optim.SGD(model.parameters(), ...), model=model)"
         )
+    optimizer = unwrap(optimizer)  # Accelerate's and Lightning's wrappers: guard what they wrap
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             "guard() needs a torch.optim.Optimizer; "
@@ -601,6 +604,8 @@ def attach(
     session (the runner, the pytest plugin), else ``"warn"`` and nothing.
     """
     opt = _check_optimizer(optimizer)
+    if options.get("accumulation_steps") is None:
+        options["accumulation_steps"] = framework_accumulation(opt)
     default_mode, default_ignore = session_defaults()
     checked = make_options(
         mode=default_mode if mode is None else mode,
@@ -728,7 +733,7 @@ def guarding(
 
 def unguard(optimizer: torch.optim.Optimizer) -> Guard | None:
     """Report anything pending, remove every hook from ``optimizer`` and return its guard."""
-    g = _GUARDS.get(optimizer)
+    g = _GUARDS.get(_key(optimizer))
     if g is not None:
         g.close()
     return g
@@ -736,5 +741,10 @@ def unguard(optimizer: torch.optim.Optimizer) -> Guard | None:
 
 def guard_of(optimizer: torch.optim.Optimizer) -> Guard | None:
     """The live guard watching ``optimizer``, if any."""
-    g = _GUARDS.get(optimizer)
+    g = _GUARDS.get(_key(optimizer))
     return None if g is None or g.closed else g
+
+
+def _key(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    inner = unwrap(optimizer)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer

@@ -1,0 +1,78 @@
+"""What gradguard knows about training frameworks that wrap the user's optimizer.
+
+Nothing here imports a framework: each one is looked at only if the process
+already imported it.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import torch
+
+# Wrappers that hold the real optimizer in ``.optimizer`` and whose own step or
+# zero_grad gradguard cannot hook: Accelerate's AcceleratedOptimizer never calls
+# Optimizer.__init__; Lightning's LightningOptimizer copies the optimizer's
+# __dict__ into a look-alike of its class.
+_WRAPPERS = frozenset({"AcceleratedOptimizer", "LightningOptimizer"})
+
+
+def unwrap(optimizer: object) -> object:
+    """The torch optimizer behind a framework's wrapper, or ``optimizer`` itself.
+
+    Guarding the wrapped optimizer means its zero_grad, called by the wrapper,
+    is the one gradguard observes, and its steps are the real updates (an
+    AcceleratedOptimizer's step inside an accumulation window is a no-op).
+    """
+    for _ in range(4):  # wrappers of wrappers (Lightning over Accelerate)
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        hookable = isinstance(optimizer, torch.optim.Optimizer) and hasattr(
+            optimizer, "_optimizer_step_pre_hooks"
+        )
+        wrapper = any(c.__name__ in _WRAPPERS for c in type(optimizer).__mro__)
+        if hookable and not wrapper:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+def accumulation_steps(optimizer: torch.optim.Optimizer) -> int | None:
+    """The accumulation window a framework drives ``optimizer`` with, if it says.
+
+    Accelerate: ``Accelerator(gradient_accumulation_steps=N)`` records N in its
+    process-wide ``GradientState``, and ``accelerator.accumulate(model)`` turns
+    the wrapping AcceleratedOptimizer's step and zero_grad into no-ops for the
+    first N-1 micro-batches of each window. Taken only when an
+    AcceleratedOptimizer wraps ``optimizer``.
+    """
+    state = sys.modules.get("accelerate.state")
+    if state is None:
+        return None
+    gradient_state = getattr(state, "GradientState", None)
+    shared = getattr(gradient_state, "_shared_state", None)
+    if not shared:
+        return None
+    steps = shared.get("plugin_kwargs", {}).get("num_steps", 1)
+    if not isinstance(steps, int) or steps <= 1:
+        return None
+    return steps if _wrapped_by(optimizer, "AcceleratedOptimizer") else None
+
+
+def _wrapped_by(optimizer: torch.optim.Optimizer, wrapper: str) -> bool:
+    """Whether a live instance of class ``wrapper`` holds ``optimizer`` as ``.optimizer``.
+
+    Walks the objects referring to ``optimizer`` (the wrapper itself, or its
+    ``__dict__`` and then the wrapper): once per guard, never per step.
+    """
+    for holder in gc.get_referrers(optimizer):
+        if type(holder).__name__ == wrapper:
+            if getattr(holder, "__dict__", {}).get("optimizer") is optimizer:
+                return True
+        elif isinstance(holder, dict) and holder.get("optimizer") is optimizer:
+            for owner in gc.get_referrers(holder):
+                if type(owner).__name__ == wrapper and getattr(owner, "__dict__", None) is holder:
+                    return True
+    return False
