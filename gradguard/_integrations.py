@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from typing import Any
 
 import torch
 
@@ -45,34 +46,52 @@ def accumulation_steps(optimizer: torch.optim.Optimizer) -> int | None:
     Accelerate: ``Accelerator(gradient_accumulation_steps=N)`` records N in its
     process-wide ``GradientState``, and ``accelerator.accumulate(model)`` turns
     the wrapping AcceleratedOptimizer's step and zero_grad into no-ops for the
-    first N-1 micro-batches of each window. Taken only when an
-    AcceleratedOptimizer wraps ``optimizer``.
+    first N-1 micro-batches of each window. PyTorch Lightning: the Trainer's
+    ``accumulate_grad_batches``, reached from the LightningOptimizer wrapping
+    ``optimizer``. Only a window of 2 or more counts.
     """
+    steps = _accelerate_steps(optimizer) or _lightning_steps(optimizer)
+    return steps if isinstance(steps, int) and steps > 1 else None
+
+
+def _accelerate_steps(optimizer: torch.optim.Optimizer) -> object:
     state = sys.modules.get("accelerate.state")
-    if state is None:
-        return None
-    gradient_state = getattr(state, "GradientState", None)
-    shared = getattr(gradient_state, "_shared_state", None)
+    shared = getattr(getattr(state, "GradientState", None), "_shared_state", None)
     if not shared:
         return None
     steps = shared.get("plugin_kwargs", {}).get("num_steps", 1)
     if not isinstance(steps, int) or steps <= 1:
         return None
-    return steps if _wrapped_by(optimizer, "AcceleratedOptimizer") else None
+    return steps if _wrapper_of(optimizer, "AcceleratedOptimizer", "optimizer") else None
 
 
-def _wrapped_by(optimizer: torch.optim.Optimizer, wrapper: str) -> bool:
-    """Whether a live instance of class ``wrapper`` holds ``optimizer`` as ``.optimizer``.
+def _lightning_steps(optimizer: torch.optim.Optimizer) -> object:
+    if "pytorch_lightning" not in sys.modules and "lightning" not in sys.modules:
+        return None
+    wrapper = _wrapper_of(optimizer, "LightningOptimizer", "_optimizer")
+    try:
+        trainer = wrapper._strategy.lightning_module.trainer
+        return trainer.accumulate_grad_batches
+    except Exception:  # not attached to a Trainer: nothing declared
+        return None
+
+
+def _wrapper_of(optimizer: torch.optim.Optimizer, wrapper: str, attr: str) -> Any:
+    """A live instance of a class named ``wrapper`` whose ``attr`` is ``optimizer``.
 
     Walks the objects referring to ``optimizer`` (the wrapper itself, or its
     ``__dict__`` and then the wrapper): once per guard, never per step.
     """
+
+    def named(obj: object) -> bool:
+        return any(c.__name__ == wrapper for c in type(obj).__mro__)
+
     for holder in gc.get_referrers(optimizer):
-        if type(holder).__name__ == wrapper:
-            if getattr(holder, "__dict__", {}).get("optimizer") is optimizer:
-                return True
-        elif isinstance(holder, dict) and holder.get("optimizer") is optimizer:
+        if named(holder):
+            if getattr(holder, "__dict__", {}).get(attr) is optimizer:
+                return holder
+        elif isinstance(holder, dict) and holder.get(attr) is optimizer:
             for owner in gc.get_referrers(holder):
-                if type(owner).__name__ == wrapper and getattr(owner, "__dict__", None) is holder:
-                    return True
-    return False
+                if named(owner) and getattr(owner, "__dict__", None) is holder:
+                    return owner
+    return None
