@@ -46,11 +46,17 @@ def accumulation_steps(optimizer: torch.optim.Optimizer) -> int | None:
     Accelerate: ``Accelerator(gradient_accumulation_steps=N)`` records N in its
     process-wide ``GradientState``, and ``accelerator.accumulate(model)`` turns
     the wrapping AcceleratedOptimizer's step and zero_grad into no-ops for the
-    first N-1 micro-batches of each window. PyTorch Lightning: the Trainer's
-    ``accumulate_grad_batches``, reached from the LightningOptimizer wrapping
-    ``optimizer``. Only a window of 2 or more counts.
+    first N-1 micro-batches of each window. The transformers Trainer tells
+    Accelerate 1 and accumulates itself: its ``args.gradient_accumulation_steps``,
+    reached through the AcceleratedOptimizer it holds. PyTorch Lightning: the
+    Trainer's ``accumulate_grad_batches``, reached from the LightningOptimizer
+    wrapping ``optimizer``. Only a window of 2 or more counts.
     """
-    steps = _accelerate_steps(optimizer) or _lightning_steps(optimizer)
+    steps = (
+        _accelerate_steps(optimizer)
+        or _transformers_steps(optimizer)
+        or _lightning_steps(optimizer)
+    )
     return steps if isinstance(steps, int) and steps > 1 else None
 
 
@@ -63,6 +69,14 @@ def _accelerate_steps(optimizer: torch.optim.Optimizer) -> object:
     if not isinstance(steps, int) or steps <= 1:
         return None
     return steps if _wrapper_of(optimizer, "AcceleratedOptimizer", "optimizer") else None
+
+
+def _transformers_steps(optimizer: torch.optim.Optimizer) -> object:
+    if "transformers.trainer" not in sys.modules:
+        return None
+    wrapper = _wrapper_of(optimizer, "AcceleratedOptimizer", "optimizer")
+    trainer = None if wrapper is None else _wrapper_of(wrapper, "Trainer", "optimizer")
+    return getattr(getattr(trainer, "args", None), "gradient_accumulation_steps", None)
 
 
 def _lightning_steps(optimizer: torch.optim.Optimizer) -> object:
