@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import require
+from support import free_port, require
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -170,3 +170,60 @@ def test_sync_flag_set_after_the_forward_is_reported(ddp):
 def test_strict_mode_raises_on_every_rank_before_the_update(ddp):
     """In strict mode both ranks raise RankDivergenceError at the first divergent step."""
     assert [r["ranks_off_by_one_strict"] for r in ddp] == [{"raised": "GG401", "step": 1}] * 2
+
+
+# -- gradguard run under torchrun ------------------------------------------------
+
+TORCHRUN_SCRIPT = """\
+import os
+import torch
+import torch.distributed as dist
+from torch import nn
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for i in range(4):
+    if rank == 0:  # rank 1 never clears
+        opt.zero_grad()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * rank + i))
+    model(x).pow(2).mean().backward()
+    opt.step()
+dist.destroy_process_group()
+print(f"rank {rank} done")
+"""
+
+
+def test_runner_under_torchrun_writes_one_log_per_rank_and_only_the_buggy_rank_reports(
+    tmp_path, subprocess_env
+):
+    """torchrun -m gradguard run --log-json run-{rank}.jsonl: rank 1's bug is in run-1 only."""
+    require("torch.distributed.run")
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "gradguard",
+        "run",
+        "--mode=log",
+        f"--log-json={tmp_path / 'run-{rank}.jsonl'}",
+        str(script),
+    ]
+    env = {**subprocess_env, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(proc.stdout.split("\n")) == ["", "rank 0 done", "rank 1 done"]
+    assert (tmp_path / "run-0.jsonl").read_text() == ""
+    records = [json.loads(line) for line in (tmp_path / "run-1.jsonl").read_text().splitlines()]
+    assert [(r["code"], r["rank"], r["world_size"]) for r in records] == [("GG101", 1, 2)]
+    assert records[0]["params"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert records[0]["location"] == "train.py:16"
