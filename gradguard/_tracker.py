@@ -12,8 +12,9 @@ Two things can change a gradient in place after that hook and before the
 backward pass returns: DistributedDataParallel's reducer (it averages the
 gradient, and with ``gradient_as_bucket_view=True`` swaps ``.grad`` for a view
 into its bucket), and other hooks. Their work is part of producing the
-gradient, so each slot written by a backward is re-read when that backward
-ends (`_Backward`). Gradients that are views into one buffer (DDP buckets,
+gradient, so under ``torch.distributed`` (and for gradients that are views)
+each slot written by a backward is re-read when that backward ends
+(`_Backward`); a single process with ordinary gradients pays nothing for it. Gradients that are views into one buffer (DDP buckets,
 contiguous gradient buffers) share one version counter, so the version
 arithmetic that tells "accumulated onto" from "changed in place" is done once
 per buffer instead of per gradient (`_Backward.shared`).
@@ -66,6 +67,9 @@ STEPS = _StepStack()
 
 _graph_task_id: Callable[[], int] = torch._C._current_graph_task_id
 _ENGINE: Any = torch.autograd.Variable._execution_engine
+_distributed: Callable[[], bool] = (
+    torch.distributed.is_initialized if torch.distributed.is_available() else lambda: False
+)
 
 
 class _Backward:
@@ -103,8 +107,11 @@ def _current_backward() -> _Backward:
     if len(_BACKWARDS) > 256:
         _BACKWARDS.clear()  # passes that raised never ran their callbacks
     record = _BACKWARDS[task] = _Backward()
+    # DDP writes the averaged gradients from an end-of-pass callback it queues
+    # after ours; only then must ours run again behind it.
+    requeue = _distributed()
     try:
-        _ENGINE.queue_callback(functools.partial(_backward_ended, task, True))
+        _ENGINE.queue_callback(functools.partial(_backward_ended, task, requeue))
     except RuntimeError:  # no callbacks here (a compiled backward): keep the loose record
         del _BACKWARDS[task]
         return _LOOSE
@@ -114,8 +121,8 @@ def _current_backward() -> _Backward:
 def _backward_ended(task: int, requeue: bool) -> None:
     """Re-read every slot the pass wrote, after every other end-of-pass callback."""
     if requeue:
-        # DDP queues its own callback (which writes the averaged gradients)
-        # after ours, at its last bucket; queueing again runs us after it.
+        # DDP queues its callback at its last bucket, after ours: queueing
+        # again runs us after it.
         _ENGINE.queue_callback(functools.partial(_backward_ended, task, False))
         return
     record = _BACKWARDS.pop(task, None)
@@ -203,14 +210,18 @@ class Slot:
                 return
             version = grad._version
             ref = self.ref
-            backward = _current_backward()
-            backward.slots.append(self)
+            view = grad._is_view()
+            # Only DDP (or another hook sharing a buffer) changes a gradient
+            # before the pass ends; a single process without views skips this.
+            backward = _current_backward() if view or _distributed() else None
+            if backward is not None:
+                backward.slots.append(self)
             same = ref is not None and ref() is grad
             if same and version == self.version + 1:
                 onto_last = True
-                if grad._is_view():
+                if backward is not None and view:
                     backward.shared.setdefault(_buffer_key(grad, self.version), True)
-            elif not grad._is_view():
+            elif backward is None or not view:
                 onto_last = False
             elif not self.applied:
                 # A view into a buffer others write to (a DDP bucket), inside a
