@@ -14,8 +14,9 @@ gradient, and with ``gradient_as_bucket_view=True`` swaps ``.grad`` for a view
 into its bucket), and other hooks. Their work is part of producing the
 gradient, so under ``torch.distributed`` (and for gradients that are views)
 each slot written by a backward is re-read when that backward ends
-(`_Backward`); a single process with ordinary gradients pays nothing for it. Gradients that are views into one buffer (DDP buckets,
-contiguous gradient buffers) share one version counter, so the version
+(`_Backward`); a single process with ordinary gradients pays nothing for it.
+Gradients that are views into one buffer (DDP buckets, contiguous gradient
+buffers) share one version counter, so the version
 arithmetic that tells "accumulated onto" from "changed in place" is done once
 per buffer instead of per gradient (`_Backward.shared`).
 """
