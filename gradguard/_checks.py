@@ -40,6 +40,7 @@ class StepVerdict:
         fresh: trainable parameters holding backward output from since the last step.
         with_grad: trainable parameters with a dense gradient (what the step applies).
         lost: parameters whose backward results a clear threw away before this step.
+        lost_micro_batches: the most backward passes any parameter lost that way.
         micro_batches: the most backward passes any parameter saw since the last step.
     """
 
@@ -55,6 +56,7 @@ class StepVerdict:
     fresh: list[torch.Tensor] = dataclasses.field(default_factory=list)
     with_grad: list[torch.Tensor] = dataclasses.field(default_factory=list)
     lost: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    lost_micro_batches: int = 0
     micro_batches: int = 0
 
     @property
@@ -83,6 +85,7 @@ def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
             verdict.with_grad.append(param)
         if slot.lost:
             verdict.lost.append(param)
+            verdict.lost_micro_batches = max(verdict.lost_micro_batches, slot.lost)
         if slot.fresh > verdict.micro_batches:
             verdict.micro_batches = slot.fresh
         if slot.fresh:
@@ -197,7 +200,10 @@ class Windows:
     ) -> tuple[str, list[torch.Tensor], str] | None:
         micro = verdict.micro_batches
         short, self._short_before = self._short_before, 0 < micro < declared
-        if verdict.lost:
+        # Whole windows thrown away are steps that never ran (a GradScaler skips
+        # the step on inf and the next zero_grad clears the window), not a
+        # clear inside one.
+        if verdict.lost and verdict.lost_micro_batches % declared:
             return ("GG104", verdict.lost, "a clear inside the window threw micro-batches away")
         if micro > declared:
             detail = f"step after {micro} micro-batches, accumulation_steps={declared}"

@@ -22,6 +22,7 @@ class Options:
     max_grad_norm: float | None = None
     unused_after: int = 20
     record_norms: bool = False
+    check_ranks_every: int | None = None
 
 
 def make_options(
@@ -35,6 +36,7 @@ def make_options(
     max_grad_norm: object = None,
     unused_after: object = 20,
     record_norms: object = False,
+    check_ranks_every: object = None,
 ) -> Options:
     """Check every option and return them as `Options`; raise naming the bad one."""
     return Options(
@@ -47,6 +49,7 @@ def make_options(
         max_grad_norm=_positive_float("max_grad_norm", max_grad_norm, optional=True),
         unused_after=_positive_int("unused_after", unused_after) or 20,
         record_norms=_bool("record_norms", record_norms),
+        check_ranks_every=_positive_int("check_ranks_every", check_ranks_every, optional=True),
     )
 
 

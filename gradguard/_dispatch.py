@@ -15,6 +15,7 @@ import structlog
 
 from gradguard._exceptions import ERRORS, WARNINGS, GradGuardInternalError
 from gradguard._findings import CATALOGUE, Finding
+from gradguard._jsonlog import _distributed
 
 Mode = Literal["warn", "strict", "log"]
 MODES: tuple[Mode, ...] = ("warn", "strict", "log")
@@ -259,12 +260,19 @@ def emit_event(finding: Finding, *, console: bool) -> None:
         hint=finding.hint,
         # not "message": the stdlib logging bridge refuses to overwrite LogRecord.message
         report=finding.message,
+        **_rank_fields(),
     )
 
 
 def emit_info(event: str, **fields: Any) -> None:
     """Log an informational event that is not a finding, such as a skipped AMP step."""
-    _log().info(event, **fields)
+    _log().info(event, **fields, **_rank_fields())
+
+
+def _rank_fields() -> dict[str, int]:
+    """``rank`` and ``world_size`` under ``torch.distributed``, so each rank's lines tell apart."""
+    dist = _distributed()
+    return {} if dist is None else {"rank": dist[0], "world_size": dist[1]}
 
 
 def _log() -> Any:

@@ -117,6 +117,14 @@ class EvalModeStepError(GradGuardError):
     """GG303: a step trains a model that is in eval mode."""
 
 
+class RankDivergenceWarning(GradGuardWarning):
+    """GG401: data-parallel ranks are about to apply different gradients."""
+
+
+class RankDivergenceError(GradGuardError):
+    """GG401: data-parallel ranks are about to apply different gradients."""
+
+
 WARNINGS: dict[str, type[GradGuardWarning]] = {
     "GG101": StaleGradientWarning,
     "GG102": ClearedBeforeStepWarning,
@@ -128,6 +136,7 @@ WARNINGS: dict[str, type[GradGuardWarning]] = {
     "GG301": UnusedParameterWarning,
     "GG302": UnoptimizedParameterWarning,
     "GG303": EvalModeStepWarning,
+    "GG401": RankDivergenceWarning,
 }
 
 ERRORS: dict[str, type[GradGuardError]] = {
@@ -141,6 +150,7 @@ ERRORS: dict[str, type[GradGuardError]] = {
     "GG301": UnusedParameterError,
     "GG302": UnoptimizedParameterError,
     "GG303": EvalModeStepError,
+    "GG401": RankDivergenceError,
 }
 
 for _cls in (

@@ -137,6 +137,19 @@ CATALOGUE: dict[str, Code] = {
             summary="a step is training a model that is in eval mode",
             hint="call model.train() after validation, before training resumes",
         ),
+        Code(
+            code="GG401",
+            name="rank-divergence",
+            level="error",
+            summary=(
+                "data-parallel ranks are about to apply different gradients, so their "
+                "replicas of the model drift apart"
+            ),
+            hint=(
+                "run every micro-batch but the last of a window under model.no_sync(), "
+                "forward and backward, and step all ranks at the same micro-batch"
+            ),
+        ),
     )
 }
 

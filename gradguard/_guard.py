@@ -40,8 +40,13 @@ from gradguard._health import (
     largest_shares,
     zero_flags,
 )
+from gradguard._integrations import accumulation_steps as framework_accumulation
+from gradguard._integrations import unwrap
 from gradguard._models import ModelWatch
 from gradguard._naming import Location, ParamNamer, fallback_names, user_location
+from gradguard._ranks import Exchange
+from gradguard._ranks import compare as compare_ranks
+from gradguard._ranks import start as start_rank_check
 from gradguard._session import session_defaults
 from gradguard._tracker import REGISTRY, STEPS, Slot
 
@@ -69,7 +74,7 @@ class _Pending:
 
     __slots__ = ("params", "readback", "resolve")
 
-    def __init__(self, readback: Readback, params: Refs, resolve: Resolver) -> None:
+    def __init__(self, readback: Readback | Exchange, params: Refs, resolve: Resolver) -> None:
         self.readback = readback
         # Parameters, not gradients: naming them later must not keep grads alive.
         self.params = params
@@ -134,6 +139,7 @@ class Guard:
         self._zero_applied: set[int] = set()  # params this step applies as all-zero
         self._step = 0
         self._judge_next = judge_first_step
+        self._judge_after: int | None = None  # frame of a closure step judged when it returns
         self._closed = False
         self._failed = False
         self._handles: list[tuple[str, RemovableHandle]] = []
@@ -195,29 +201,48 @@ class Guard:
         if self._closed:
             self._sweep("post")  # torch is iterating the pre-hooks, not the post-hooks
             return
+        wrapper = sys._getframe(1)  # torch's step wrapper, which calls both hooks
         try:
-            self._before_step(opt, args, kwargs)
+            if self._before_step(opt, args, kwargs):
+                self._judge_after = id(wrapper)
         except _PROPAGATE:
             raise  # strict mode, or -W error: the step does not run, so it is not pushed
         except Exception as exc:
             self._fail(exc, "the step pre-hook", iterating="pre")
             return
-        STEPS.push(sys._getframe(1))  # torch's step wrapper, which calls both hooks
+        STEPS.push(wrapper)
 
     def _post_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
-        STEPS.pop(sys._getframe(1))
+        wrapper = sys._getframe(1)
+        STEPS.pop(wrapper)
         if self._closed:
             self._sweep("pre")
             return
+        error: BaseException | None = None
         try:
-            self._after_step(opt)
+            error = self._after_step(opt, id(wrapper))
         except Exception as exc:
             self._fail(exc, "the step post-hook", iterating="post")
+        if error is not None:
+            raise error
 
-    def _after_step(self, opt: torch.optim.Optimizer) -> None:
+    def _after_step(self, opt: torch.optim.Optimizer, wrapper: int) -> BaseException | None:
+        """Judge a closure step now that it returned; record what the step applied.
+
+        Returns a strict-mode finding to raise once the step is recorded.
+        """
         REGISTRY.new_window()
         entries = self._current if self._current is not None else self._entries(opt)
         self._current = None
+        error: BaseException | None = None
+        if self._judge_after is not None and self._judge_after == wrapper:
+            self._judge_after = None
+            try:
+                self._judge(opt, entries)
+            except _PROPAGATE as exc:
+                error = exc
+        if STEPS.inside():
+            return error  # nested: the outer step records what it applied, once judged
         zero_applied, self._zero_applied = self._zero_applied, set()
         for param, slot in entries:
             slot.on_applied(param)
@@ -225,19 +250,29 @@ class Guard:
             for param, slot in entries:
                 if id(param) in zero_applied:
                     slot.applied = False
+        return error
 
-    def _before_step(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
+    def _before_step(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> bool:
+        """Count and judge a step about to run; true when it is judged when it returns.
+
+        A step given a closure (LBFGS, SAM, every step PyTorch Lightning takes)
+        may run backward and zero_grad inside itself, so what it applies is
+        only known once it returns.
+        """
         if STEPS.running():
             self._current = None
-            return  # nested in another step: one update, judged by the outer step
+            return False  # nested in another step: one update, judged by the outer step
         self._step += 1
         self._drain(wait=False)
         entries = self._current = self._entries(opt)
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         judge, self._judge_next = self._judge_next, True
-        if judge and closure is None:
-            # With a closure (LBFGS, SAM) backward runs inside the step.
-            self._judge(opt, entries)
+        if not judge:
+            return False
+        if closure is not None:
+            return True
+        self._judge(opt, entries)
+        return False
 
     def _before_zero_grad(self, opt: torch.optim.Optimizer) -> None:
         # Hook parameters unfrozen since the last step before their gradients
@@ -256,6 +291,9 @@ class Guard:
     # -- judging -------------------------------------------------------------
 
     def _judge(self, opt: torch.optim.Optimizer, entries: Entries) -> None:
+        every = self.options.check_ranks_every
+        if every is not None and self._step % every == 0:
+            self._check_ranks(entries)  # first: every rank must take part, whatever it finds
         verdict = judge_step(entries)
         if not verdict.trainable:
             return
@@ -284,6 +322,25 @@ class Guard:
         self._defer_zero(verdict.frozen_changed, location, None, None, each=True)
         if verdict.nothing_to_apply:
             self._report("GG103", [], location, self._step)
+
+    def _check_ranks(self, entries: Entries) -> None:
+        """GG401: compare what this step applies with the other ranks, one small collective."""
+        params = [p for p, _ in entries]
+        exchange = start_rank_check([p.grad for p in params], self._step)
+        if exchange is None:
+            return
+        location = user_location()
+        step = self._step
+
+        def resolve(values: list[float], alive: list[torch.Tensor | None]) -> None:
+            found = compare_ranks(values, exchange.ranks)
+            if found is None:
+                return
+            named = [p for p in (alive[i] for i in found.params) if p is not None]
+            # A step or count mismatch is about the whole model, not some parameters.
+            self._report("GG401", named or self._trainable(), location, step, found.detail)
+
+        self._defer(exchange, params, resolve)
 
     def _judge_models(self, entries: Entries, verdict: StepVerdict, location: Location) -> None:
         """GG301-GG303: is every parameter really trained, by a model in train mode."""
@@ -439,7 +496,9 @@ class Guard:
 
         self._defer(readback, params, resolve)
 
-    def _defer(self, readback: Readback, params: list[torch.Tensor], resolve: Resolver) -> None:
+    def _defer(
+        self, readback: Readback | Exchange, params: list[torch.Tensor], resolve: Resolver
+    ) -> None:
         """Resolve now when the values are readable (CPU) or must be (strict), else later."""
         pending = _Pending(readback, _refs(params), resolve)
         if self.options.mode == "strict" or readback.ready():
@@ -706,6 +765,7 @@ def _check_optimizer(optimizer: object) -> torch.optim.Optimizer:
             f"guard() takes the optimizer, not the model ({type(optimizer).__name__}); "
             "use guard(torch.optim.SGD(model.parameters(), ...), model=model)"
         )
+    optimizer = unwrap(optimizer)  # Accelerate's and Lightning's wrappers: guard what they wrap
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             "guard() needs a torch.optim.Optimizer; "
@@ -736,6 +796,8 @@ def attach(
     ``"warn"``, nothing and ``False``.
     """
     opt = _check_optimizer(optimizer)
+    if options.get("accumulation_steps") is None:
+        options["accumulation_steps"] = framework_accumulation(opt)
     defaults = session_defaults()
     checked = make_options(
         mode=defaults.mode if mode is None else mode,
@@ -773,6 +835,7 @@ def guard(
     max_grad_norm: float | None = None,
     unused_after: int = 20,
     record_norms: bool | None = None,
+    check_ranks_every: int | None = None,
 ) -> OptimizerT:
     """Watch ``optimizer`` for gradient-handling bugs and return it unchanged.
 
@@ -805,6 +868,11 @@ def guard(
             ``gradguard run --log-json``), for ``gradguard report --plot``.
             Computed in the same batched pass as the numeric checks, which
             then run every step. Omitted, the active session's setting.
+        check_ranks_every: under ``torch.distributed``, every this many steps
+            compare a fingerprint of the gradients about to be applied across
+            ranks, with one small collective, and report ranks that disagree
+            (GG401). Off by default; for data-parallel replicas (DDP), not
+            sharded training.
 
     Raises:
         TypeError: ``optimizer`` is not an optimizer (a model, ``None``, ...),
@@ -823,6 +891,7 @@ def guard(
         max_grad_norm=max_grad_norm,
         unused_after=unused_after,
         record_norms=record_norms,
+        check_ranks_every=check_ranks_every,
     )
     return optimizer
 
@@ -841,6 +910,7 @@ def guarding(
     max_grad_norm: float | None = None,
     unused_after: int = 20,
     record_norms: bool | None = None,
+    check_ranks_every: int | None = None,
 ) -> Iterator[Guard]:
     """Guard ``optimizer`` inside a ``with`` block; every hook is removed on exit, even on error.
 
@@ -862,6 +932,7 @@ def guarding(
         max_grad_norm=max_grad_norm,
         unused_after=unused_after,
         record_norms=record_norms,
+        check_ranks_every=check_ranks_every,
     )
     try:
         yield g
@@ -872,7 +943,7 @@ def guarding(
 
 def unguard(optimizer: torch.optim.Optimizer) -> Guard | None:
     """Report anything pending, remove every hook from ``optimizer`` and return its guard."""
-    g = _GUARDS.get(optimizer)
+    g = _GUARDS.get(_key(optimizer))
     if g is not None:
         g.close()
     return g
@@ -880,5 +951,10 @@ def unguard(optimizer: torch.optim.Optimizer) -> Guard | None:
 
 def guard_of(optimizer: torch.optim.Optimizer) -> Guard | None:
     """The live guard watching ``optimizer``, if any."""
-    g = _GUARDS.get(optimizer)
+    g = _GUARDS.get(_key(optimizer))
     return None if g is None or g.closed else g
+
+
+def _key(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    inner = unwrap(optimizer)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer

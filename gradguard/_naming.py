@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import sys
 import weakref
@@ -19,10 +20,32 @@ _OWN_DIR = os.path.dirname(__file__) + os.sep
 _SKIPPED_FILES = ("<frozen ", "<string>")
 
 
+# Training frameworks that call step() for the user: a finding points past
+# their frames to the user's own line (their training_step, or trainer.fit).
+_FRAMEWORKS = ("lightning", "pytorch_lightning", "lightning_fabric", "accelerate", "transformers")
+_framework_dirs: tuple[str, ...] | None = None
+
+
+def _frameworks() -> tuple[str, ...]:
+    """Directories of the installed frameworks, found once without importing them."""
+    global _framework_dirs
+    if _framework_dirs is None:
+        dirs = []
+        for name in _FRAMEWORKS:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                continue
+            for location in (spec.submodule_search_locations or []) if spec else []:
+                dirs.append(os.path.join(location, ""))
+        _framework_dirs = tuple(dirs)
+    return _framework_dirs
+
+
 def _is_internal(filename: str) -> bool:
-    return filename.startswith((_TORCH_DIR, _OWN_DIR, *_SKIPPED_FILES)) or filename.endswith(
-        ("/contextlib.py", "/functools.py", "/runpy.py")
-    )
+    return filename.startswith(
+        (_TORCH_DIR, _OWN_DIR, *_SKIPPED_FILES, *_frameworks())
+    ) or filename.endswith(("/contextlib.py", "/functools.py", "/runpy.py"))
 
 
 class Location(NamedTuple):

@@ -7,10 +7,23 @@ only a weak reference and the tensor's version counter.
 
 The post-accumulate hook is the hot path: per parameter and per backward it
 compares one weak reference and one version number and bumps a counter.
+
+Two things can change a gradient in place after that hook and before the
+backward pass returns: DistributedDataParallel's reducer (it averages the
+gradient, and with ``gradient_as_bucket_view=True`` swaps ``.grad`` for a view
+into its bucket), and other hooks. Their work is part of producing the
+gradient, so under ``torch.distributed`` (and for gradients that are views)
+each slot written by a backward is re-read when that backward ends
+(`_Backward`); a single process with ordinary gradients pays nothing for it.
+Gradients that are views into one buffer (DDP buckets, contiguous gradient
+buffers) share one version counter, so the version
+arithmetic that tells "accumulated onto" from "changed in place" is done once
+per buffer instead of per gradient (`_Backward.shared`).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import weakref
@@ -74,6 +87,72 @@ class _StepStack(threading.local):
 
 
 STEPS = _StepStack()
+
+_graph_task_id: Callable[[], int] = torch._C._current_graph_task_id
+_ENGINE: Any = torch.autograd.Variable._execution_engine
+_distributed: Callable[[], bool] = (
+    torch.distributed.is_initialized if torch.distributed.is_available() else lambda: False
+)
+
+
+class _Backward:
+    """What one backward pass wrote: its slots, re-read when the pass ends.
+
+    Attributes:
+        slots: slots whose post-accumulate hook ran in this pass.
+        shared: for gradients that are views into one buffer, keyed by the
+            buffer and the version all their slots last recorded, whether the
+            first of them written in this pass found the buffer untouched since.
+    """
+
+    __slots__ = ("shared", "slots")
+
+    def __init__(self) -> None:
+        self.slots: list[Slot] = []
+        self.shared: dict[tuple[int, int], bool] = {}
+
+
+_BACKWARDS: dict[int, _Backward] = {}
+# Verdicts for hooks that run outside any graph task we can attach to.
+_LOOSE = _Backward()
+
+
+def _current_backward() -> _Backward:
+    """The record of the backward pass running now, created with its end-of-pass callback."""
+    task = _graph_task_id()
+    record = _BACKWARDS.get(task)
+    if record is not None:
+        return record
+    if task < 0:
+        if len(_LOOSE.shared) > 4096:
+            _LOOSE.shared.clear()
+        return _LOOSE
+    if len(_BACKWARDS) > 256:
+        _BACKWARDS.clear()  # passes that raised never ran their callbacks
+    record = _BACKWARDS[task] = _Backward()
+    # DDP writes the averaged gradients from an end-of-pass callback it queues
+    # after ours; only then must ours run again behind it.
+    requeue = _distributed()
+    try:
+        _ENGINE.queue_callback(functools.partial(_backward_ended, task, requeue))
+    except RuntimeError:  # no callbacks here (a compiled backward): keep the loose record
+        del _BACKWARDS[task]
+        return _LOOSE
+    return record
+
+
+def _backward_ended(task: int, requeue: bool) -> None:
+    """Re-read every slot the pass wrote, after every other end-of-pass callback."""
+    if requeue:
+        # DDP queues its callback at its last bucket, after ours: queueing
+        # again runs us after it.
+        _ENGINE.queue_callback(functools.partial(_backward_ended, task, False))
+        return
+    record = _BACKWARDS.pop(task, None)
+    if record is None:
+        return
+    for slot in record.slots:
+        slot.resync()
 
 
 class Slot:
@@ -193,11 +272,37 @@ class Slot:
             return
         version = grad._version
         ref = self.ref
-        if ref is not None and version == self.version + 1 and ref() is grad:
+        view = grad._is_view()
+        # Only DDP (or another hook sharing a buffer) changes a gradient
+        # before the pass ends; a single process without views skips this.
+        backward = _current_backward() if view or _distributed() else None
+        if backward is not None:
+            backward.slots.append(self)
+        same = ref is not None and ref() is grad
+        if same and version == self.version + 1:
+            onto_last = True
+            if backward is not None and view:
+                backward.shared.setdefault(_buffer_key(grad, self.version), True)
+        elif backward is None or not view:
+            onto_last = False
+        elif not self.applied:
+            # A view into a buffer others write to (a DDP bucket), inside a
+            # window: the shared counter moved, or DDP rebuilt its buckets
+            # and copied the gradient into a new view. Accumulation as usual.
+            onto_last = True
+        elif same:
+            # Onto an applied gradient: stale only if the first write into
+            # the buffer since then found it untouched.
+            onto_last = backward.shared.setdefault(_buffer_key(grad, self.version), False)
+        else:
+            onto_last = False
+        if onto_last:
             # Accumulated onto the gradient we saw last: a step that
             # applied it without a clear in between makes it stale.
             if self.applied:
                 self.stale = True
+            if not same:
+                self.ref = weakref.ref(grad)
             self.fresh += 1
         else:
             # A new object, or one changed in place since we saw it
@@ -211,6 +316,16 @@ class Slot:
         self.version = version
         self.applied = False
         self.discarded = 0
+
+    def resync(self) -> None:
+        """The backward that wrote this gradient ended: remember what it left in ``.grad``."""
+        try:
+            param = self.param_ref()
+            grad = None if param is None else param.grad
+            if grad is not None:
+                self.see(grad)
+        except Exception as exc:
+            self.failed(exc)
 
     def _discard(self, param: torch.Tensor) -> None:
         # Not lost work: a clear inside a step (LBFGS, SAM with a closure), or
@@ -268,6 +383,12 @@ class Slot:
     def holds(self, grad: torch.Tensor) -> bool:
         """Whether ``grad`` is exactly the object and version last seen."""
         return self.ref is not None and self.ref() is grad and grad._version == self.version
+
+
+def _buffer_key(grad: torch.Tensor, version: int) -> tuple[int, int]:
+    """The buffer a view-gradient lives in (its base's address) and a version of it."""
+    base = grad._base
+    return (base.data_ptr() if base is not None else grad.data_ptr(), version)
 
 
 class Registry:

@@ -341,3 +341,32 @@ def test_names_are_found_without_model_argument(net):
         opt.zero_grad()
         opt.step()
     assert g.findings[0].params == ALL
+
+
+# -- steps given a closure -------------------------------------------------------
+
+
+def test_missing_zero_grad_is_found_when_step_takes_a_closure(net):
+    """A step given a closure (Lightning passes one to every step) is judged as it returns."""
+
+    def loop(net, opt):
+        for b in batches():
+            loss_of(net, b).backward()
+            opt.step(lambda: None)
+
+    g = run(loop, net)
+    assert codes(g) == ["GG101"]
+    assert g.findings[0].step == 2
+    assert g.findings[0].params == ALL
+
+
+def test_clearing_before_a_closure_step_is_found_and_strict_raises_after_it(net):
+    """A clear between backward and step(closure) is GG102; strict mode raises once the step ran."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    with gradguard.guarding(opt, mode="strict"):
+        loss_of(net, batches(1)[0]).backward()
+        opt.zero_grad()
+        with pytest.raises(gradguard.ClearedBeforeStepError):
+            opt.step(lambda: None)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))

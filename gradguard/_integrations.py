@@ -1,0 +1,111 @@
+"""What gradguard knows about training frameworks that wrap the user's optimizer.
+
+Nothing here imports a framework: each one is looked at only if the process
+already imported it.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from typing import Any
+
+import torch
+
+# Wrappers that hold the real optimizer in ``.optimizer`` and whose own step or
+# zero_grad gradguard cannot hook: Accelerate's AcceleratedOptimizer never calls
+# Optimizer.__init__; Lightning's LightningOptimizer copies the optimizer's
+# __dict__ into a look-alike of its class.
+_WRAPPERS = frozenset({"AcceleratedOptimizer", "LightningOptimizer"})
+
+
+def unwrap(optimizer: object) -> object:
+    """The torch optimizer behind a framework's wrapper, or ``optimizer`` itself.
+
+    Guarding the wrapped optimizer means its zero_grad, called by the wrapper,
+    is the one gradguard observes, and its steps are the real updates (an
+    AcceleratedOptimizer's step inside an accumulation window is a no-op).
+    """
+    for _ in range(4):  # wrappers of wrappers (Lightning over Accelerate)
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        hookable = isinstance(optimizer, torch.optim.Optimizer) and hasattr(
+            optimizer, "_optimizer_step_pre_hooks"
+        )
+        wrapper = any(c.__name__ in _WRAPPERS for c in type(optimizer).__mro__)
+        if hookable and not wrapper:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+def accumulation_steps(optimizer: torch.optim.Optimizer) -> int | None:
+    """The accumulation window a framework drives ``optimizer`` with, if it says.
+
+    Accelerate: ``Accelerator(gradient_accumulation_steps=N)`` records N in its
+    process-wide ``GradientState``, and ``accelerator.accumulate(model)`` turns
+    the wrapping AcceleratedOptimizer's step and zero_grad into no-ops for the
+    first N-1 micro-batches of each window. The transformers Trainer tells
+    Accelerate 1 and accumulates itself: its ``args.gradient_accumulation_steps``,
+    reached through the AcceleratedOptimizer it holds. PyTorch Lightning: the
+    Trainer's ``accumulate_grad_batches``, reached from the LightningOptimizer
+    wrapping ``optimizer``. Only a window of 2 or more counts.
+    """
+    steps = (
+        _accelerate_steps(optimizer)
+        or _transformers_steps(optimizer)
+        or _lightning_steps(optimizer)
+    )
+    return steps if isinstance(steps, int) and steps > 1 else None
+
+
+def _accelerate_steps(optimizer: torch.optim.Optimizer) -> object:
+    state = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state, "GradientState", None), "_shared_state", None)
+    if not shared:
+        return None
+    steps = shared.get("plugin_kwargs", {}).get("num_steps", 1)
+    if not isinstance(steps, int) or steps <= 1:
+        return None
+    return steps if _wrapper_of(optimizer, "AcceleratedOptimizer", "optimizer") else None
+
+
+def _transformers_steps(optimizer: torch.optim.Optimizer) -> object:
+    if "transformers.trainer" not in sys.modules:
+        return None
+    wrapper = _wrapper_of(optimizer, "AcceleratedOptimizer", "optimizer")
+    trainer = None if wrapper is None else _wrapper_of(wrapper, "Trainer", "optimizer")
+    return getattr(getattr(trainer, "args", None), "gradient_accumulation_steps", None)
+
+
+def _lightning_steps(optimizer: torch.optim.Optimizer) -> object:
+    if "pytorch_lightning" not in sys.modules and "lightning" not in sys.modules:
+        return None
+    wrapper = _wrapper_of(optimizer, "LightningOptimizer", "_optimizer")
+    try:
+        trainer = wrapper._strategy.lightning_module.trainer
+        return trainer.accumulate_grad_batches
+    except Exception:  # not attached to a Trainer: nothing declared
+        return None
+
+
+def _wrapper_of(optimizer: torch.optim.Optimizer, wrapper: str, attr: str) -> Any:
+    """A live instance of a class named ``wrapper`` whose ``attr`` is ``optimizer``.
+
+    Walks the objects referring to ``optimizer`` (the wrapper itself, or its
+    ``__dict__`` and then the wrapper): once per guard, never per step.
+    """
+
+    def named(obj: object) -> bool:
+        return any(c.__name__ == wrapper for c in type(obj).__mro__)
+
+    for holder in gc.get_referrers(optimizer):
+        if named(holder):
+            if getattr(holder, "__dict__", {}).get(attr) is optimizer:
+                return holder
+        elif isinstance(holder, dict) and holder.get(attr) is optimizer:
+            for owner in gc.get_referrers(holder):
+                if named(owner) and getattr(owner, "__dict__", None) is holder:
+                    return owner
+    return None

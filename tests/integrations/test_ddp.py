@@ -1,0 +1,229 @@
+"""DistributedDataParallel on 2 gloo processes: correct loops silent, one-rank bugs on that rank.
+
+Also GG401 rank-divergence on the no_sync bugs users shipped, and its silent twin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import free_port, require
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+ALL = ["encoder.weight", "encoder.bias", "head.weight", "head.bias"]
+KINDS = ["copy", "bucket_view"]
+
+
+@pytest.fixture(scope="session")
+def ddp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Every scenario of ``ddp_worker.py``, run once on 2 ranks: per rank, per scenario."""
+    require("torch.distributed")
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.pop("GRADGUARD", None)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "ddp_worker.py"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for rank, result in enumerate(results):
+        errors = {k: v["error"] for k, v in result.items() if "error" in v}
+        assert not errors, f"rank {rank}: {errors}"
+    return results
+
+
+def codes(result: dict[str, Any]) -> list[str]:
+    """The finding codes of one scenario on one rank."""
+    return [f["code"] for f in result["findings"]]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("zeros", ["none", "zeros"])
+@pytest.mark.parametrize("clear", ["optimizer", "model"])
+def test_correct_loops_are_silent_on_every_rank(ddp, kind, zeros, clear):
+    """zero_grad (optimizer or model, either set_to_none) then backward then step: silent."""
+    middle = "model_zero_grad_" if clear == "model" else ""
+    name = f"correct_{middle}{kind}_{zeros}"
+    assert [codes(r[name]) for r in ddp] == [[], []]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_clearing_by_hand_that_no_wrapper_sees_is_silent(ddp, kind):
+    """p.grad.zero_() on every gradient, even views sharing one bucket's counter: silent."""
+    assert [codes(r[f"correct_clear_by_hand_{kind}"]) for r in ddp] == [[], []]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("zeros", ["none", "zeros"])
+@pytest.mark.parametrize("policy", ["none", "all_but_last"])
+def test_declared_accumulation_is_silent_with_and_without_no_sync(ddp, kind, zeros, policy):
+    """3 micro-batches per step, synced every time or under no_sync but the last: silent."""
+    name = f"accumulate_sync_{policy}_{kind}_{zeros}"
+    assert [codes(r[name]) for r in ddp] == [[], []]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_undeclared_no_sync_accumulation_is_silent(ddp, kind):
+    """Accumulation under no_sync without accumulation_steps is not GG105."""
+    assert [codes(r[f"accumulate_undeclared_{kind}"]) for r in ddp] == [[], []]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_missing_zero_grad_on_one_rank_is_reported_by_that_rank_only(ddp, kind):
+    """Rank 1 never clears: GG101 on rank 1 naming every parameter, nothing on rank 0.
+
+    With bucket views DDP copies each gradient into a new bucket view at its
+    second iteration, so the first stale step there is step 3.
+    """
+    rank0, rank1 = (r[f"missing_zero_grad_on_rank1_{kind}"] for r in ddp)
+    assert codes(rank0) == []
+    assert codes(rank1) == ["GG101"]
+    assert rank1["findings"][0]["params"] == ALL
+    assert rank1["findings"][0]["step"] == (2 if kind == "copy" else 3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_clear_between_backward_and_step_on_one_rank_is_reported_by_that_rank(ddp, kind):
+    """Rank 1 clears between backward and step: GG102 at step 1 on rank 1 only."""
+    rank0, rank1 = (r[f"cleared_before_step_on_rank1_{kind}"] for r in ddp)
+    assert codes(rank0) == []
+    assert codes(rank1) == ["GG102"]
+    assert rank1["findings"][0]["step"] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_zero_grad_inside_a_no_sync_window_is_reported_by_that_rank(ddp, kind):
+    """A model-level clear inside a declared window on rank 1: GG104 on rank 1 only."""
+    rank0, rank1 = (r[f"model_zero_grad_inside_window_on_rank1_{kind}"] for r in ddp)
+    assert codes(rank0) == []
+    assert codes(rank1) == ["GG104"]
+    assert "threw micro-batches away" in rank1["findings"][0]["message"]
+
+
+def test_zero_redundancy_optimizer_is_silent(ddp):
+    """ZeroRedundancyOptimizer over DDP, stepping its shard on each rank: silent."""
+    assert [codes(r["zero_redundancy_correct"]) for r in ddp] == [[], []]
+
+
+def test_zero_redundancy_optimizer_missing_zero_grad_on_one_rank(ddp):
+    """ZeroRedundancyOptimizer without zero_grad on rank 1: GG101 on rank 1 only."""
+    rank0, rank1 = (r["zero_redundancy_missing_zero_grad_on_rank1"] for r in ddp)
+    assert codes(rank0) == []
+    assert codes(rank1) == ["GG101"]
+    assert rank1["findings"][0]["params"] == ALL
+
+
+def test_find_unused_parameters_with_a_branch_used_every_other_step_is_silent(ddp):
+    """find_unused_parameters=True with bucket views and a sometimes-unused layer: silent."""
+    assert [codes(r["find_unused_parameters_correct"]) for r in ddp] == [[], []]
+
+
+def test_log_events_carry_rank_and_world_size(ddp):
+    """Each rank's structlog event for a finding names its rank and the world size."""
+    assert [r["events_carry_rank"]["event_ranks"] for r in ddp] == [[[0, 2]], [[1, 2]]]
+
+
+def test_messages_name_the_workers_line(ddp):
+    """A finding's location is the worker's own step line, not torch's DDP code."""
+    (finding,) = ddp[1]["missing_zero_grad_on_rank1_copy"]["findings"]
+    assert "ddp_worker.py:" in finding["message"]
+
+
+# -- GG401 rank-divergence ------------------------------------------------------
+
+
+def test_correct_no_sync_accumulation_checked_every_step_is_silent(ddp):
+    """no_sync on all micro-batches but the last, compared on every step: silent."""
+    assert [codes(r["ranks_correct_no_sync"]) for r in ddp] == [[], []]
+
+
+def test_funasr_off_by_one_no_sync_window_is_reported_on_both_ranks(ddp):
+    """FunASR's ``i % accum != 0`` under no_sync leaves the stepping micro-batch unsynced."""
+    for result in (r["ranks_off_by_one_no_sync"] for r in ddp):
+        assert codes(result) == ["GG401"]
+        (finding,) = result["findings"]
+        assert finding["step"] == 2  # check_ranks_every=2: the first check
+        assert sorted(finding["params"]) == sorted(ALL)
+        assert "rank 1 differs from rank 0" in finding["message"]
+        assert "largest gap in gradient norm" in finding["message"]
+
+
+def test_sync_flag_set_after_the_forward_is_reported(ddp):
+    """nanoGPT's require_backward_grad_sync toggled around backward only: GG401 at step 3."""
+    for result in (r["ranks_sync_flag_around_backward"] for r in ddp):
+        assert codes(result) == ["GG401"]
+        assert result["findings"][0]["step"] == 3
+
+
+def test_strict_mode_raises_on_every_rank_before_the_update(ddp):
+    """In strict mode both ranks raise RankDivergenceError at the first divergent step."""
+    assert [r["ranks_off_by_one_strict"] for r in ddp] == [{"raised": "GG401", "step": 1}] * 2
+
+
+# -- gradguard run under torchrun ------------------------------------------------
+
+TORCHRUN_SCRIPT = """\
+import os
+import torch
+import torch.distributed as dist
+from torch import nn
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for i in range(4):
+    if rank == 0:  # rank 1 never clears
+        opt.zero_grad()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * rank + i))
+    model(x).pow(2).mean().backward()
+    opt.step()
+dist.destroy_process_group()
+print(f"rank {rank} done")
+"""
+
+
+def test_runner_under_torchrun_writes_one_log_per_rank_and_only_the_buggy_rank_reports(
+    tmp_path, subprocess_env
+):
+    """torchrun -m gradguard run --log-json run-{rank}.jsonl: rank 1's bug is in run-1 only."""
+    require("torch.distributed.run")
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "gradguard",
+        "run",
+        "--mode=log",
+        f"--log-json={tmp_path / 'run-{rank}.jsonl'}",
+        str(script),
+    ]
+    env = {**subprocess_env, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(proc.stdout.split("\n")) == ["", "rank 0 done", "rank 1 done"]
+    assert (tmp_path / "run-0.jsonl").read_text() == ""
+    records = [json.loads(line) for line in (tmp_path / "run-1.jsonl").read_text().splitlines()]
+    assert [(r["code"], r["rank"], r["world_size"]) for r in records] == [("GG101", 1, 2)]
+    assert records[0]["params"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert records[0]["location"] == "train.py:16"

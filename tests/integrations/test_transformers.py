@@ -1,0 +1,87 @@
+"""transformers Trainer on a tiny GPT-2 built from a config: no download, no finding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import require
+
+import gradguard
+
+transformers = require("transformers")
+require("accelerate")  # the Trainer's own dependency
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Fixed random token sequences, labels equal to inputs."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def trainer(tmp_path, *, accumulate: int, max_grad_norm: float = 1.0):
+    """A Trainer over a 1-layer GPT-2 with a 64-token vocabulary, writing nothing but tmp_path."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=64, bos_token_id=0
+    )
+    config.eos_token_id = 0
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulate,
+        max_steps=4,
+        max_grad_norm=max_grad_norm,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    return transformers.Trainer(model=model, args=args, train_dataset=Tokens())
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_short_training_run_is_silent_in_strict_mode(tmp_path, accumulate):
+    """Trainer.train() with clipping, with and without accumulation: every step judged, none bad."""
+    t = trainer(tmp_path, accumulate=accumulate)
+    gradguard.install(mode="strict")
+    try:
+        t.train()
+        g = gradguard.guard_of(t.optimizer)
+        assert g is not None
+        steps = g._step
+        declared = g.options.accumulation_steps
+    finally:
+        rows = gradguard.uninstall()
+    assert rows == []
+    assert steps == 4
+    assert declared == (accumulate if accumulate > 1 else None)
+
+
+def test_guarding_the_trainers_optimizer_directly_is_silent(tmp_path):
+    """gradguard.guard(trainer.optimizer) from a TrainerCallback, judged from the first step."""
+
+    class Guard(transformers.TrainerCallback):
+        guard: gradguard.Guard | None = None
+
+        def on_train_begin(self, args, state, control, optimizer=None, model=None, **kw):
+            gradguard.guard(optimizer, model=model, mode="strict")
+            Guard.guard = gradguard.guard_of(optimizer)
+
+    t = trainer(tmp_path, accumulate=2)
+    t.add_callback(Guard)
+    t.train()
+    g = Guard.guard
+    assert g is not None
+    try:
+        assert g.findings == []
+        assert g._step == 4
+    finally:
+        gradguard.unguard(t.optimizer)
