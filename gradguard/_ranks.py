@@ -155,7 +155,7 @@ class Exchange:
         except Exception as exc:
             self._fail(exc)
             return []
-        return [float(v) for t in self._out for v in t.tolist()]
+        return [float(v) for t in self._out for v in t.tolist()]  # sync-ok: gloo, host memory
 
 
 def _post_ready() -> None:
