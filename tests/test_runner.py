@@ -13,24 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from loops import BUGGY_SCRIPT, CORRECT_SCRIPT
+from test_logs import FIELDS as JSON_FIELDS
 
 from gradguard.cli import main
 
 FLAGSHIP = "examples/tutorial_loop.py"
 UNGUARDED = "examples/tutorial_loop_unguarded.py"
-JSON_FIELDS = {
-    "code",
-    "event",
-    "level",
-    "step",
-    "optimizer",
-    "params",
-    "location",
-    "hint",
-    "doc",
-    "message",
-    "timestamp",
-}
 
 # Prints how it was started, then fails the way its first argument asks.
 PROBE = """\
