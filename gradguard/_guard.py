@@ -797,7 +797,7 @@ def attach(
     """
     opt = _check_optimizer(optimizer)
     if options.get("accumulation_steps") is None:
-        options["accumulation_steps"] = framework_accumulation(opt)
+        options["accumulation_steps"] = framework_accumulation(opt, optimizer)
     defaults = session_defaults()
     checked = make_options(
         mode=defaults.mode if mode is None else mode,

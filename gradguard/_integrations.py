@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from types import FrameType
 from typing import Any
 
 import torch
@@ -40,27 +41,64 @@ def unwrap(optimizer: object) -> object:
     return optimizer
 
 
-def accumulation_steps(optimizer: torch.optim.Optimizer) -> int | None:
+def accumulation_steps(optimizer: torch.optim.Optimizer, given: object = None) -> int | None:
     """The accumulation window a framework drives ``optimizer`` with, if it says.
+
+    ``given`` is what the user passed to ``guard()``, which may be the
+    framework's wrapper itself.
 
     Accelerate: ``Accelerator(gradient_accumulation_steps=N)`` records N in its
     process-wide ``GradientState``, and ``accelerator.accumulate(model)`` turns
     the wrapping AcceleratedOptimizer's step and zero_grad into no-ops for the
     first N-1 micro-batches of each window. The transformers Trainer tells
-    Accelerate 1 and accumulates itself: its ``args.gradient_accumulation_steps``,
-    reached through the AcceleratedOptimizer it holds. PyTorch Lightning: the
-    Trainer's ``accumulate_grad_batches``, reached from the LightningOptimizer
-    wrapping ``optimizer``. Only a window of 2 or more counts.
+    Accelerate 1 and accumulates itself: its ``args.gradient_accumulation_steps``.
+    PyTorch Lightning: the Trainer's ``accumulate_grad_batches``, reached from
+    the LightningOptimizer wrapping ``optimizer``. Only a window of 2 or more
+    counts.
+
+    The wrappers are looked for in ``given`` and on the call stack (a guard
+    attached at the first step runs under the wrapper's ``step``; one attached
+    from a Trainer callback runs under the Trainer). Only Accelerate, whose
+    process-wide state says a window exists, is also looked for among every
+    live object, a scan that takes a noticeable time in a large program.
     """
+    callers = [given, *_callers()]
     steps = (
-        _accelerate_steps(optimizer)
-        or _transformers_steps(optimizer)
-        or _lightning_steps(optimizer)
+        _accelerate_steps(optimizer, callers)
+        or _transformers_steps(optimizer, callers)
+        or _lightning_steps(optimizer, callers)
     )
     return steps if isinstance(steps, int) and steps > 1 else None
 
 
-def _accelerate_steps(optimizer: torch.optim.Optimizer) -> object:
+def _callers(limit: int = 64) -> list[object]:
+    """The ``self`` of each frame on the call stack, innermost first."""
+    out: list[object] = []
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and len(out) < limit:
+        if "self" in frame.f_code.co_varnames[:1]:
+            out.append(frame.f_locals.get("self"))
+        frame = frame.f_back
+    return out
+
+
+def _named(obj: object, name: str) -> bool:
+    return any(c.__name__ == name for c in type(obj).__mro__)
+
+
+def _holder(optimizer: object, callers: list[object], wrapper: str, attr: str) -> Any:
+    """The object among ``callers`` of a class named ``wrapper`` whose ``attr`` is ``optimizer``."""
+    for obj in callers:
+        if (
+            obj is not None
+            and _named(obj, wrapper)
+            and getattr(obj, "__dict__", {}).get(attr) is optimizer
+        ):
+            return obj
+    return None
+
+
+def _accelerate_steps(optimizer: torch.optim.Optimizer, callers: list[object]) -> object:
     state = sys.modules.get("accelerate.state")
     shared = getattr(getattr(state, "GradientState", None), "_shared_state", None)
     if not shared:
@@ -68,21 +106,27 @@ def _accelerate_steps(optimizer: torch.optim.Optimizer) -> object:
     steps = shared.get("plugin_kwargs", {}).get("num_steps", 1)
     if not isinstance(steps, int) or steps <= 1:
         return None
-    return steps if _wrapper_of(optimizer, "AcceleratedOptimizer", "optimizer") else None
+    found = _holder(optimizer, callers, "AcceleratedOptimizer", "optimizer") or _wrapper_of(
+        optimizer, "AcceleratedOptimizer", "optimizer"
+    )
+    return steps if found is not None else None
 
 
-def _transformers_steps(optimizer: torch.optim.Optimizer) -> object:
+def _transformers_steps(optimizer: torch.optim.Optimizer, callers: list[object]) -> object:
     if "transformers.trainer" not in sys.modules:
         return None
-    wrapper = _wrapper_of(optimizer, "AcceleratedOptimizer", "optimizer")
-    trainer = None if wrapper is None else _wrapper_of(wrapper, "Trainer", "optimizer")
-    return getattr(getattr(trainer, "args", None), "gradient_accumulation_steps", None)
+    for obj in callers:
+        if obj is not None and _named(obj, "Trainer"):
+            held = getattr(obj, "__dict__", {}).get("optimizer")
+            if held is not None and unwrap(held) is optimizer:
+                return getattr(getattr(obj, "args", None), "gradient_accumulation_steps", None)
+    return None
 
 
-def _lightning_steps(optimizer: torch.optim.Optimizer) -> object:
+def _lightning_steps(optimizer: torch.optim.Optimizer, callers: list[object]) -> object:
     if "pytorch_lightning" not in sys.modules and "lightning" not in sys.modules:
         return None
-    wrapper = _wrapper_of(optimizer, "LightningOptimizer", "_optimizer")
+    wrapper = _holder(optimizer, callers, "LightningOptimizer", "_optimizer")
     try:
         trainer = wrapper._strategy.lightning_module.trainer
         return trainer.accumulate_grad_batches
@@ -94,18 +138,15 @@ def _wrapper_of(optimizer: torch.optim.Optimizer, wrapper: str, attr: str) -> An
     """A live instance of a class named ``wrapper`` whose ``attr`` is ``optimizer``.
 
     Walks the objects referring to ``optimizer`` (the wrapper itself, or its
-    ``__dict__`` and then the wrapper): once per guard, never per step.
+    ``__dict__`` and then the wrapper): once per guard, never per step, and
+    only where a framework's state says such a wrapper should exist.
     """
-
-    def named(obj: object) -> bool:
-        return any(c.__name__ == wrapper for c in type(obj).__mro__)
-
     for holder in gc.get_referrers(optimizer):
-        if named(holder):
+        if _named(holder, wrapper):
             if getattr(holder, "__dict__", {}).get(attr) is optimizer:
                 return holder
         elif isinstance(holder, dict) and holder.get(attr) is optimizer:
             for owner in gc.get_referrers(holder):
-                if named(owner) and getattr(owner, "__dict__", None) is holder:
+                if _named(owner, wrapper) and getattr(owner, "__dict__", None) is holder:
                     return owner
     return None

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import importlib.util
 import sys
+import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -207,3 +209,27 @@ def test_no_cuda_sync_in_log_mode(loop):
             LOOPS[loop](model, opt, x)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("framework", ["pytorch_lightning", "transformers.trainer"])
+def test_guarding_never_scans_the_heap_when_a_framework_is_imported(monkeypatch, framework):
+    """A program that imported Lightning or transformers pays no walk over every live object.
+
+    Such a walk takes ~0.1 s in a large process, at every guard created: a
+    test suite that guards hundreds of optimizers would crawl.
+    """
+    monkeypatch.setitem(
+        sys.modules, framework, sys.modules.get(framework) or types.ModuleType(framework)
+    )
+
+    def scan(*objs: object) -> list[object]:
+        raise AssertionError("gc.get_referrers walked the heap")
+
+    monkeypatch.setattr(gc, "get_referrers", scan)
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=model, mode="strict") as g:
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+    assert g.options.accumulation_steps is None
+    assert g.findings == []

@@ -66,7 +66,7 @@ def test_a_short_training_run_is_silent_in_strict_mode(tmp_path, accumulate):
 
 
 def test_guarding_the_trainers_optimizer_directly_is_silent(tmp_path):
-    """gradguard.guard(trainer.optimizer) from a TrainerCallback, judged from the first step."""
+    """guard(trainer.optimizer) from a TrainerCallback: the window is found, every step judged."""
 
     class Guard(transformers.TrainerCallback):
         guard: gradguard.Guard | None = None
@@ -83,5 +83,6 @@ def test_guarding_the_trainers_optimizer_directly_is_silent(tmp_path):
     try:
         assert g.findings == []
         assert g._step == 4
+        assert g.options.accumulation_steps == 2  # found through the Trainer on the call stack
     finally:
         gradguard.unguard(t.optimizer)
