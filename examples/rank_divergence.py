@@ -38,6 +38,7 @@ def train(rank: int, port: int) -> None:
             optimizer.step()
             optimizer.zero_grad()
     gradguard.unguard(optimizer)
+    dist.barrier()  # gloo: no rank tears down while another still talks to it
     dist.destroy_process_group()
 
 

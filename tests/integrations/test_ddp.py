@@ -191,6 +191,7 @@ for i in range(4):
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * rank + i))
     model(x).pow(2).mean().backward()
     opt.step()
+dist.barrier()
 dist.destroy_process_group()
 print(f"rank {rank} done")
 """
