@@ -73,7 +73,12 @@ class StepVerdict:
 def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
     """Sort the parameters a step is about to apply into a `StepVerdict`."""
     verdict = StepVerdict()
+    # This runs per parameter at every step: the usual case is decided
+    # inline, with the lists' append methods bound once.
+    with_grad = verdict.with_grad.append
+    fresh_ones = verdict.fresh.append
     trainable = any_fresh = False
+    micro = 0
     for param, slot in entries:
         grad = param.grad
         if not param.requires_grad:
@@ -82,15 +87,15 @@ def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
             continue
         trainable = True
         if grad is not None and not grad.is_sparse:
-            verdict.with_grad.append(param)
+            with_grad(param)
         if slot.lost:
             verdict.lost.append(param)
             verdict.lost_micro_batches = max(verdict.lost_micro_batches, slot.lost)
-        if slot.fresh > verdict.micro_batches:
-            verdict.micro_batches = slot.fresh
-        if slot.fresh:
-            # The usual case, decided inline because this runs per parameter
-            # at every step: backward's gradient, untouched since.
+        fresh = slot.fresh
+        if fresh:
+            if fresh > micro:
+                micro = fresh
+            # Backward's gradient, untouched since.
             ref = slot.ref
             if (
                 grad is not None
@@ -100,7 +105,7 @@ def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
                 and grad._version == slot.version
             ):
                 any_fresh = True
-                verdict.fresh.append(param)
+                fresh_ones(param)
                 continue
             _judge_fresh(verdict, param, slot, grad)
         elif slot.discarded:
@@ -109,6 +114,7 @@ def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
             _judge_unchanged(verdict, param, slot, grad)
     verdict.trainable = trainable
     verdict.any_fresh = verdict.any_fresh or any_fresh
+    verdict.micro_batches = micro
     return verdict
 
 

@@ -48,7 +48,7 @@ from gradguard._ranks import Exchange
 from gradguard._ranks import compare as compare_ranks
 from gradguard._ranks import start as start_rank_check
 from gradguard._session import session_defaults
-from gradguard._tracker import REGISTRY, STEPS, Slot
+from gradguard._tracker import REGISTRY, STEPS, Slot, mark_applied, mark_cleared
 
 OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 Entries = list[tuple[torch.Tensor, Slot]]
@@ -244,8 +244,7 @@ class Guard:
         if STEPS.inside():
             return error  # nested: the outer step records what it applied, once judged
         zero_applied, self._zero_applied = self._zero_applied, set()
-        for param, slot in entries:
-            slot.on_applied(param)
+        mark_applied(entries)
         if zero_applied:
             for param, slot in entries:
                 if id(param) in zero_applied:
@@ -281,9 +280,7 @@ class Guard:
 
     def _on_zero_grad(self, opt: torch.optim.Optimizer) -> None:
         REGISTRY.new_window()
-        inside_step = STEPS.inside()
-        for param, slot in self._entries(opt):
-            slot.on_clear(param, inside_step)
+        mark_cleared(self._entries(opt), STEPS.inside())
 
     def _on_add_param_group(self, opt: torch.optim.Optimizer) -> None:
         self._entries(opt)
@@ -385,9 +382,9 @@ class Guard:
         With ``record_norms`` the same norms are recorded, so the pass runs
         every step whatever the cadence.
         """
-        grads: list[torch.Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        if not self._cadence.due(grads) and not self.options.record_norms:
+        if not self._cadence.due(params) and not self.options.record_norms:
             return
+        grads: list[torch.Tensor] = [p.grad for p in params]  # type: ignore[misc]
         # A fused optimizer under a GradScaler steps on still-scaled gradients;
         # the scaler leaves its scale and found-inf flag on the optimizer.
         scale = getattr(opt, "grad_scale", None)
@@ -418,9 +415,11 @@ class Guard:
         if skipped:
             emit_info("skipped-step", step=step, optimizer=self.optimizer, location=str(location))
             return
-        bad = [p for p, n in zip(params, norms, strict=True) if not math.isfinite(n)]
-        self._report("GG201", [p for p in bad if p is not None], location, step)
-        why = self._norms.judge(math.sqrt(sum(n * n for n in norms)))
+        total = math.hypot(*norms)
+        if not math.isfinite(total):
+            bad = [p for p, n in zip(params, norms, strict=True) if not math.isfinite(n)]
+            self._report("GG201", [p for p in bad if p is not None], location, step)
+        why = self._norms.judge(total)
         if why is not None:
             top = [params[i] for i in largest_shares(norms)]
             self._report("GG202", [p for p in top if p is not None], location, step, why)
@@ -500,25 +499,31 @@ class Guard:
         self, readback: Readback | Exchange, params: list[torch.Tensor], resolve: Resolver
     ) -> None:
         """Resolve now when the values are readable (CPU) or must be (strict), else later."""
-        pending = _Pending(readback, _refs(params), resolve)
         if self.options.mode == "strict" or readback.ready():
-            self._resolve(pending)
+            self._resolve(readback, list(params), resolve)  # no weak references needed
         else:
-            self._pending.append(pending)
+            self._pending.append(_Pending(readback, _refs(params), resolve))
 
     def _drain(self, wait: bool) -> None:
         keep = []
         for pending in self._pending:
             if wait or pending.readback.ready():
-                self._resolve(pending)
+                self._resolve(pending.readback, [r() for r in pending.params], pending.resolve)
             else:
                 keep.append(pending)
         self._pending = keep
 
-    def _resolve(self, pending: _Pending) -> None:
-        """Read a device result back and judge it; runs in a step pre-hook or in `close`."""
-        alive = [r() for r in pending.params]
-        pending.resolve(pending.readback.values(), alive)
+    def _resolve(
+        self,
+        readback: Readback | Exchange,
+        alive: list[torch.Tensor | None],
+        resolve: Resolver,
+    ) -> None:
+        """Read a device result back and judge it; runs in a step pre-hook or in `close`.
+
+        ``alive``: the parameters it is about, ``None`` for those collected since.
+        """
+        resolve(readback.values(), alive)
 
     def _report(
         self,

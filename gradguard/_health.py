@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 import statistics
 
 import torch
@@ -45,13 +46,17 @@ class Readback:
         return [float(v) for v in self._host.reshape(-1).tolist()]  # sync-ok: host memory
 
 
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+
+
 def _one_device(grads: list[torch.Tensor]) -> bool:
-    return bool(grads) and len({g.device for g in grads}) == 1
+    return bool(grads) and len(set(map(_DEVICE, grads))) == 1
 
 
 def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """Each tensor's 2-norm as one float32 vector, in one batched op."""
-    if all(g.dtype == torch.float32 for g in grads):
+    if set(map(_DTYPE, grads)) == {torch.float32}:
         # Asking for a dtype takes a slower per-tensor path on the CPU.
         return torch.stack(torch._foreach_norm(grads))
     # Low precision: accumulate in float32 so a large finite norm stays finite.
@@ -155,18 +160,18 @@ class Cadence:
         self.per_step = per_step
         self._count = 0
 
-    def due(self, grads: list[torch.Tensor]) -> bool:
-        """Count one step; whether the checks run on it for these gradients."""
+    def due(self, params: list[torch.Tensor]) -> bool:
+        """Count one step; whether the checks run on it for these parameters' gradients."""
         self._count += 1
-        return (self._count - 1) % self.period(grads) == 0
+        return (self._count - 1) % self.period(params) == 0
 
-    def period(self, grads: list[torch.Tensor]) -> int:
-        """Steps between two checks for ``grads``."""
+    def period(self, params: list[torch.Tensor]) -> int:
+        """Steps between two checks for the gradients of ``params`` (on their device)."""
         if self.every is not None:
             return self.every
-        if len(grads) <= self.per_step or grads[0].device.type != "cpu":
+        if len(params) <= self.per_step or params[0].device.type != "cpu":
             return 1
-        return math.ceil(len(grads) / self.per_step)
+        return math.ceil(len(params) / self.per_step)
 
 
 class ModuleNorms:

@@ -90,6 +90,9 @@ STEPS = _StepStack()
 
 _graph_task_id: Callable[[], int] = torch._C._current_graph_task_id
 _ENGINE: Any = torch.autograd.Variable._execution_engine
+_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or (
+    torch._utils.is_compiling  # torch < 2.3
+)
 _distributed: Callable[[], bool] = (
     torch.distributed.is_initialized if torch.distributed.is_available() else lambda: False
 )
@@ -270,20 +273,60 @@ class Slot:
         if grad is None:  # a hook of someone else's cleared it
             self.ref = None
             return
+        # Only DDP (or another hook sharing a buffer) changes a gradient
+        # before the pass ends; a single process without views skips that.
+        # Compiled autograd traces this hook: the other path breaks the graph
+        # there, so what follows runs on the real gradient, not a fake one.
+        if grad._is_view() or REGISTRY.distributed or _compiling():
+            self._accumulated_shared(param, grad)
+            return
+        version = grad._version
+        ref = self.ref
+        if ref is not None and ref() is grad and version == self.version + 1:
+            # Accumulated onto the gradient we saw last: a step that
+            # applied it without a clear in between makes it stale.
+            if self.applied:
+                self.stale = True
+            self.fresh += 1
+        else:
+            # A new object, or one changed in place since we saw it (cleared,
+            # rescaled): its history ends here.
+            if self.fresh:
+                self._end_fresh(param, grad)
+            self.ref = weakref.ref(grad)
+            self.stale = False
+            self.fresh = 1
+        self.used = True
+        self.version = version
+        self.applied = False
+        self.discarded = 0
+
+    def _restart(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """A new object, or one changed in place since we saw it: its history ends here."""
+        if self.fresh:
+            self._end_fresh(param, grad)
+        self.ref = weakref.ref(grad)
+        self.stale = False
+        self.fresh = 1
+
+    def _end_fresh(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Backward output not applied yet is replaced by ``grad``."""
+        if not self.stale and grad.grad_fn is None:
+            self._discard(param)  # create_graph replaces .grad keeping its content
+
+    def _accumulated_shared(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """`_accumulated` under torch.distributed or for a gradient that is a view."""
         version = grad._version
         ref = self.ref
         view = grad._is_view()
-        # Only DDP (or another hook sharing a buffer) changes a gradient
-        # before the pass ends; a single process without views skips this.
-        backward = _current_backward() if view or _distributed() else None
-        if backward is not None:
-            backward.slots.append(self)
+        backward = _current_backward()
+        backward.slots.append(self)
         same = ref is not None and ref() is grad
         if same and version == self.version + 1:
             onto_last = True
-            if backward is not None and view:
+            if view:
                 backward.shared.setdefault(_buffer_key(grad, self.version), True)
-        elif backward is None or not view:
+        elif not view:
             onto_last = False
         elif not self.applied:
             # A view into a buffer others write to (a DDP bucket), inside a
@@ -297,21 +340,13 @@ class Slot:
         else:
             onto_last = False
         if onto_last:
-            # Accumulated onto the gradient we saw last: a step that
-            # applied it without a clear in between makes it stale.
             if self.applied:
                 self.stale = True
             if not same:
                 self.ref = weakref.ref(grad)
             self.fresh += 1
         else:
-            # A new object, or one changed in place since we saw it
-            # (cleared, rescaled): its history ends here.
-            if self.fresh and not self.stale and grad.grad_fn is None:
-                self._discard(param)  # create_graph replaces .grad keeping its content
-            self.ref = weakref.ref(grad)
-            self.stale = False
-            self.fresh = 1
+            self._restart(param, grad)
         self.used = True
         self.version = version
         self.applied = False
@@ -349,27 +384,6 @@ class Slot:
         self.applied = False
         self.see(param.grad)
 
-    def on_applied(self, param: torch.Tensor) -> None:
-        """A step just consumed ``param.grad``."""
-        grad = param.grad
-        if grad is None:
-            self.applied = False
-            self.ref = None
-        else:
-            ref = self.ref
-            same = ref is not None and ref() is grad
-            # Only backward output (fresh, re-applied, or assigned by hand where
-            # we could not see it made) counts; zeros left by a clear are no content.
-            self.applied = self.fresh > 0 or self.applied or not same
-            if not same:
-                self.ref = weakref.ref(grad)
-            self.version = grad._version
-        self.fresh = 0
-        self.stale = False
-        self.discarded = 0
-        self.lost = 0
-        self.param_version = param._version
-
     def see(self, grad: torch.Tensor | None) -> None:
         """Remember ``grad`` as the object currently in ``.grad``."""
         if grad is None:
@@ -383,6 +397,48 @@ class Slot:
     def holds(self, grad: torch.Tensor) -> bool:
         """Whether ``grad`` is exactly the object and version last seen."""
         return self.ref is not None and self.ref() is grad and grad._version == self.version
+
+
+def mark_cleared(entries: list[tuple[torch.Tensor, Slot]], inside_step: bool) -> None:
+    """An observed ``zero_grad`` just cleared these parameters' gradients.
+
+    `Slot.on_clear` for each; a slot with nothing fresh to lose, the usual
+    case, is done inline, since this runs per parameter at every clear.
+    """
+    for param, slot in entries:
+        if slot.fresh or inside_step:
+            slot.on_clear(param, inside_step)
+            continue
+        slot.stale = slot.applied = False
+        grad = param.grad
+        if grad is None:
+            slot.ref = None
+            slot.version = -1
+        else:
+            slot.see(grad)
+
+
+def mark_applied(entries: list[tuple[torch.Tensor, Slot]]) -> None:
+    """A step just consumed these parameters' gradients."""
+    for param, slot in entries:
+        grad = param.grad
+        if grad is None:
+            slot.applied = False
+            slot.ref = None
+        else:
+            ref = slot.ref
+            same = ref is not None and ref() is grad
+            # Only backward output (fresh, re-applied, or assigned by hand where
+            # we could not see it made) counts; zeros left by a clear are no content.
+            slot.applied = slot.fresh > 0 or slot.applied or not same
+            if not same:
+                slot.ref = weakref.ref(grad)
+            slot.version = grad._version
+        slot.fresh = 0
+        slot.stale = False
+        slot.discarded = 0
+        slot.lost = 0
+        slot.param_version = param._version
 
 
 def _buffer_key(grad: torch.Tensor, version: int) -> tuple[int, int]:
@@ -405,12 +461,16 @@ class Registry:
         self.frozen: dict[int, Slot] = {}
         self.window = 0
         self.looked = -1
+        # Whether a process group is up, as of the last step, clear or guard
+        # created: read per parameter in the hook, so not asked of torch there.
+        self.distributed = _distributed()
 
     def acquire(self, param: torch.Tensor, on_error: ErrorHandler) -> Slot:
         """Return the parameter's slot, creating and hooking it on first use.
 
         ``on_error`` is called if tracking the parameter fails in backward.
         """
+        self.distributed = _distributed()
         with self._lock:
             key = id(param)
             slot = self._slots.get(key)
@@ -429,6 +489,7 @@ class Registry:
     def new_window(self) -> None:
         """A step or a clear happened (what marks a new backward where torch cannot)."""
         self.window += 1
+        self.distributed = _distributed()
 
     def look_for_unfrozen(self) -> None:
         """Once per backward, hook the watched parameters unfrozen since last looked at."""
