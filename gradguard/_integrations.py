@@ -56,28 +56,40 @@ def accumulation_steps(optimizer: torch.optim.Optimizer, given: object = None) -
     the LightningOptimizer wrapping ``optimizer``. Only a window of 2 or more
     counts.
 
-    The wrappers are looked for in ``given`` and on the call stack (a guard
-    attached at the first step runs under the wrapper's ``step``; one attached
-    from a Trainer callback runs under the Trainer). Only Accelerate, whose
-    process-wide state says a window exists, is also looked for among every
-    live object, a scan that takes a noticeable time in a large program.
+    The wrappers are looked for in ``given`` and in the frames of the call
+    stack that a framework's wrapper runs in: a guard attached at the first
+    step runs under the wrapper's ``step``, one attached from a transformers
+    callback under ``CallbackHandler.call_event``. Walking every live object,
+    which takes a noticeable time in a large program, is left for where a
+    wrapper is known to exist but not what holds it.
     """
-    callers = [given, *_callers()]
+    frames = _wrapper_frames()
+    selves = [given, *(f.get("self") for f in frames)]
     steps = (
-        _accelerate_steps(optimizer, callers)
-        or _transformers_steps(optimizer, callers)
-        or _lightning_steps(optimizer, callers)
+        _accelerate_steps(optimizer, selves)
+        or _transformers_steps(optimizer, selves, frames)
+        or _lightning_steps(optimizer, selves)
     )
     return steps if isinstance(steps, int) and steps > 1 else None
 
 
-def _callers(limit: int = 64) -> list[object]:
-    """The ``self`` of each frame on the call stack, innermost first."""
-    out: list[object] = []
+# Methods a framework's optimizer wrapper or callback dispatcher runs in. Only
+# these frames' locals are read: in Python < 3.13 reading them keeps a copy of
+# every local until the frame returns, harmless for a call that ends with the
+# step or the callback, not for a training loop that runs for hours.
+_WRAPPER_METHODS = frozenset({"step", "call_event"})
+
+
+def _wrapper_frames(limit: int = 64) -> list[dict[str, Any]]:
+    """The locals of the wrapper methods running on the call stack, innermost first."""
+    out: list[dict[str, Any]] = []
     frame: FrameType | None = sys._getframe(1)
-    while frame is not None and len(out) < limit:
-        if "self" in frame.f_code.co_varnames[:1]:
-            out.append(frame.f_locals.get("self"))
+    for _ in range(limit):
+        if frame is None:
+            break
+        code = frame.f_code
+        if code.co_name in _WRAPPER_METHODS and code.co_varnames[:1] == ("self",):
+            out.append(frame.f_locals)
         frame = frame.f_back
     return out
 
@@ -86,9 +98,9 @@ def _named(obj: object, name: str) -> bool:
     return any(c.__name__ == name for c in type(obj).__mro__)
 
 
-def _holder(optimizer: object, callers: list[object], wrapper: str, attr: str) -> Any:
-    """The object among ``callers`` of a class named ``wrapper`` whose ``attr`` is ``optimizer``."""
-    for obj in callers:
+def _holder(optimizer: object, selves: list[object], wrapper: str, attr: str) -> Any:
+    """The object among ``selves`` of a class named ``wrapper`` whose ``attr`` is ``optimizer``."""
+    for obj in selves:
         if (
             obj is not None
             and _named(obj, wrapper)
@@ -98,7 +110,7 @@ def _holder(optimizer: object, callers: list[object], wrapper: str, attr: str) -
     return None
 
 
-def _accelerate_steps(optimizer: torch.optim.Optimizer, callers: list[object]) -> object:
+def _accelerate_steps(optimizer: torch.optim.Optimizer, selves: list[object]) -> object:
     state = sys.modules.get("accelerate.state")
     shared = getattr(getattr(state, "GradientState", None), "_shared_state", None)
     if not shared:
@@ -106,27 +118,32 @@ def _accelerate_steps(optimizer: torch.optim.Optimizer, callers: list[object]) -
     steps = shared.get("plugin_kwargs", {}).get("num_steps", 1)
     if not isinstance(steps, int) or steps <= 1:
         return None
-    found = _holder(optimizer, callers, "AcceleratedOptimizer", "optimizer") or _wrapper_of(
+    found = _holder(optimizer, selves, "AcceleratedOptimizer", "optimizer") or _wrapper_of(
         optimizer, "AcceleratedOptimizer", "optimizer"
     )
     return steps if found is not None else None
 
 
-def _transformers_steps(optimizer: torch.optim.Optimizer, callers: list[object]) -> object:
+def _transformers_steps(
+    optimizer: torch.optim.Optimizer, selves: list[object], frames: list[dict[str, Any]]
+) -> object:
     if "transformers.trainer" not in sys.modules:
         return None
-    for obj in callers:
-        if obj is not None and _named(obj, "Trainer"):
-            held = getattr(obj, "__dict__", {}).get("optimizer")
-            if held is not None and unwrap(held) is optimizer:
-                return getattr(getattr(obj, "args", None), "gradient_accumulation_steps", None)
-    return None
+    for f in frames:  # a callback: the dispatcher holds the optimizer and the arguments
+        handler = f.get("self")
+        held = getattr(handler, "optimizer", None)
+        if _named(handler, "CallbackHandler") and unwrap(held) is optimizer:
+            return getattr(f.get("args"), "gradient_accumulation_steps", None)
+    # The first step, under the Trainer's AcceleratedOptimizer: the Trainer holds it.
+    wrapper = _holder(optimizer, selves, "AcceleratedOptimizer", "optimizer")
+    trainer = None if wrapper is None else _wrapper_of(wrapper, "Trainer", "optimizer")
+    return getattr(getattr(trainer, "args", None), "gradient_accumulation_steps", None)
 
 
-def _lightning_steps(optimizer: torch.optim.Optimizer, callers: list[object]) -> object:
+def _lightning_steps(optimizer: torch.optim.Optimizer, selves: list[object]) -> object:
     if "pytorch_lightning" not in sys.modules and "lightning" not in sys.modules:
         return None
-    wrapper = _holder(optimizer, callers, "LightningOptimizer", "_optimizer")
+    wrapper = _holder(optimizer, selves, "LightningOptimizer", "_optimizer")
     try:
         trainer = wrapper._strategy.lightning_module.trainer
         return trainer.accumulate_grad_batches
@@ -139,7 +156,7 @@ def _wrapper_of(optimizer: torch.optim.Optimizer, wrapper: str, attr: str) -> An
 
     Walks the objects referring to ``optimizer`` (the wrapper itself, or its
     ``__dict__`` and then the wrapper): once per guard, never per step, and
-    only where a framework's state says such a wrapper should exist.
+    only where a framework's wrapper is known to exist.
     """
     for holder in gc.get_referrers(optimizer):
         if _named(holder, wrapper):

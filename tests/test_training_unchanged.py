@@ -6,6 +6,8 @@ import copy
 import gc
 import io
 import pickle
+import sys
+import types
 import weakref
 
 import pytest
@@ -194,3 +196,30 @@ def test_a_guarded_optimizer_collected_without_unguard_releases_its_hooks(net):
     gc.collect()
     assert ref() is None
     assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
+
+
+class _TrainingLoop:
+    """A long-running method that guards its optimizer, like a framework's fit loop."""
+
+    def run(self) -> weakref.ref[torch.Tensor]:
+        batch = torch.ones(1000)
+        alive = weakref.ref(batch)
+        net = Net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with gradguard.guarding(opt, model=net, mode="strict"):
+            loss_of(net, batches(1)[0]).backward()
+            opt.step()
+            del batch
+            gc.collect()
+            assert alive() is None, "a copy of the running loop's locals kept the batch alive"
+        return alive
+
+
+def test_guarding_from_a_method_keeps_none_of_its_locals_alive(monkeypatch):
+    """Looking for a framework's optimizer wrapper on the call stack copies no loop's locals.
+
+    In Python < 3.13 reading a running frame's locals keeps a copy of them
+    until that frame returns: for a training loop, the whole run.
+    """
+    monkeypatch.setitem(sys.modules, "pytorch_lightning", types.ModuleType("pytorch_lightning"))
+    assert _TrainingLoop().run()() is None
