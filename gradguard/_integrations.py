@@ -100,14 +100,12 @@ def _named(obj: object, name: str) -> bool:
 
 def _holder(optimizer: object, selves: list[object], wrapper: str, attr: str) -> Any:
     """The object among ``selves`` of a class named ``wrapper`` whose ``attr`` is ``optimizer``."""
-    for obj in selves:
-        if (
-            obj is not None
-            and _named(obj, wrapper)
-            and getattr(obj, "__dict__", {}).get(attr) is optimizer
-        ):
-            return obj
-    return None
+    return next((obj for obj in selves if _wraps(obj, optimizer, wrapper, attr)), None)
+
+
+def _wraps(obj: object, optimizer: object, wrapper: str, attr: str) -> bool:
+    """Whether ``obj`` is of a class named ``wrapper`` and holds ``optimizer`` as ``attr``."""
+    return _named(obj, wrapper) and getattr(obj, "__dict__", {}).get(attr) is optimizer
 
 
 def _accelerate_steps(optimizer: torch.optim.Optimizer, selves: list[object]) -> object:
@@ -160,7 +158,7 @@ def _wrapper_of(optimizer: torch.optim.Optimizer, wrapper: str, attr: str) -> An
     """
     for holder in gc.get_referrers(optimizer):
         if _named(holder, wrapper):
-            if getattr(holder, "__dict__", {}).get(attr) is optimizer:
+            if _wraps(holder, optimizer, wrapper, attr):
                 return holder
         elif isinstance(holder, dict) and holder.get(attr) is optimizer:
             for owner in gc.get_referrers(holder):

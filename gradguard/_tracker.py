@@ -289,8 +289,7 @@ class Slot:
                 self.stale = True
             self.fresh += 1
         else:
-            # A new object, or one changed in place since we saw it (cleared,
-            # rescaled): its history ends here.
+            # `_restart`, inline: this runs per parameter at every backward.
             if self.fresh:
                 self._end_fresh(param, grad)
             self.ref = weakref.ref(grad)
