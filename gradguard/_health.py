@@ -18,12 +18,19 @@ import torch
 
 
 class Readback:
-    """Values computed on some device, readable later without a sync."""
+    """Values computed on some device, readable later without a sync.
 
-    __slots__ = ("_event", "_host")
+    ``order``, when given, says which input each computed value belongs to:
+    value ``k`` is about input ``order[k]``. `values` returns them in input
+    order, so a result computed in several batches (one per dtype) needs no
+    device-side permutation.
+    """
 
-    def __init__(self, values: torch.Tensor) -> None:
+    __slots__ = ("_event", "_host", "_order")
+
+    def __init__(self, values: torch.Tensor, order: list[int] | None = None) -> None:
         self._event: torch.cuda.Event | None = None
+        self._order = order
         if values.device.type == "cpu":
             self._host = values
         elif values.device.type == "cuda":
@@ -39,28 +46,68 @@ class Readback:
         return self._event is None or bool(self._event.query())  # type: ignore[no-untyped-call]
 
     def values(self) -> list[float]:
-        """The values, flattened; waits for the device only if not `ready` yet."""
+        """The values, flattened, in input order; waits for the device only if not `ready` yet."""
         if self._event is not None and not self._event.query():  # type: ignore[no-untyped-call]
             self._event.synchronize()  # sync-ok: only in strict mode or at close
         # tolist() on a host tensor reads memory directly: no op is dispatched.
-        return [float(v) for v in self._host.reshape(-1).tolist()]  # sync-ok: host memory
+        flat = [float(v) for v in self._host.reshape(-1).tolist()]  # sync-ok: host memory
+        order = self._order
+        if order is None:
+            return flat
+        out = flat[:]  # values past the ordered ones (a trailing flag) stay where they are
+        for k, i in enumerate(order):
+            out[i] = flat[k]
+        return out
 
 
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 
+# dtypes whose norm kernel accumulates in their own precision; the norm of a
+# complex tensor is real (float32 or float64).
+_OWN_PRECISION = frozenset({torch.float32, torch.float64, torch.complex64, torch.complex128})
+_HALF = frozenset({torch.float16, torch.bfloat16})
+
 
 def _one_device(grads: list[torch.Tensor]) -> bool:
-    return bool(grads) and len(set(map(_DEVICE, grads))) == 1
+    """One device holding data: a meta tensor has no values to check."""
+    if not grads:
+        return False
+    devices = set(map(_DEVICE, grads))
+    return len(devices) == 1 and next(iter(devices)).type != "meta"
 
 
-def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Each tensor's 2-norm as one float32 vector, in one batched op."""
-    if set(map(_DTYPE, grads)) == {torch.float32}:
+def _norms_of(grads: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The 2-norms of ``grads``, all of ``dtype``, in one batched op."""
+    if dtype in _OWN_PRECISION:
         # Asking for a dtype takes a slower per-tensor path on the CPU.
-        return torch.stack(torch._foreach_norm(grads))
-    # Low precision: accumulate in float32 so a large finite norm stays finite.
-    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        return list(torch._foreach_norm(grads))
+    if dtype in _HALF:
+        # Low precision: accumulate in float32 so a large finite norm stays finite.
+        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    # float8 and other dtypes without a norm kernel: norm a widened copy.
+    return list(torch._foreach_norm([g.float() for g in grads]))
+
+
+def _norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[int] | None]:
+    """Each tensor's 2-norm as one real vector, and the input order of its values.
+
+    One batched op per dtype. The vector is float64 when any norm is (float64
+    and complex128 gradients, whose norms can exceed float32's range), else
+    float32. The order is ``None`` when the values are in input order (a
+    single dtype, the usual case).
+    """
+    dtypes = set(map(_DTYPE, grads))
+    if len(dtypes) == 1:
+        return torch.stack(_norms_of(grads, dtypes.pop())), None
+    order: list[int] = []
+    parts: list[torch.Tensor] = []
+    for dtype in sorted(dtypes, key=str):
+        index = [i for i, g in enumerate(grads) if g.dtype == dtype]
+        order.extend(index)
+        parts.append(torch.stack(_norms_of([grads[i] for i in index], dtype)))
+    wide = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+    return torch.cat([p.to(wide) for p in parts]), order
 
 
 def zero_flags(grads: list[torch.Tensor]) -> Readback | None:
@@ -75,9 +122,10 @@ def zero_flags(grads: list[torch.Tensor]) -> Readback | None:
     if not _one_device(grads):
         return None
     with torch.no_grad():
-        norms = _norms(grads)
+        norms, order = _norms(grads)
         unknown = torch.full_like(norms, math.nan)
-        return Readback(torch.where(norms.isfinite(), norms.eq(0).to(norms.dtype), unknown))
+        flags = torch.where(norms.isfinite(), norms.eq(0).to(norms.dtype), unknown)
+        return Readback(flags, order)
 
 
 def grad_norms(
@@ -92,15 +140,15 @@ def grad_norms(
     if not _one_device(grads):
         return None
     with torch.no_grad():
-        norms = _norms(grads)
+        norms, order = _norms(grads)
         if scale is not None:
-            norms = norms / scale.to(device=norms.device, dtype=torch.float32)
+            norms = norms / scale.to(device=norms.device, dtype=norms.dtype)
         flag = (
-            skipped.to(device=norms.device, dtype=torch.float32).reshape(1)
+            skipped.to(device=norms.device, dtype=norms.dtype).reshape(1)
             if skipped is not None
             else norms.new_zeros(1)
         )
-        return Readback(torch.cat([norms, flag]))
+        return Readback(torch.cat([norms, flag]), order)
 
 
 class NormHistory:

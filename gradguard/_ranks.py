@@ -77,8 +77,10 @@ def fingerprint(grads: list[torch.Tensor | None], step: int) -> torch.Tensor | N
     with torch.no_grad():
         squares = torch.zeros(max(count, 1), dtype=torch.float64, device=device)
         if dense:
-            norms = _norms([grads[i] for i in dense]).to(torch.float64)  # type: ignore[misc]
-            index = torch.tensor(dense, device=device)
+            norms, order = _norms([grads[i] for i in dense])  # type: ignore[misc]
+            norms = norms.to(torch.float64)
+            placed = dense if order is None else [dense[k] for k in order]
+            index = torch.tensor(placed, device=device)
             squares.index_copy_(0, index, norms * norms)
         buckets = torch.zeros(BUCKETS, dtype=torch.float64, device=device)
         owner = torch.tensor([bucket_of(i, count) for i in range(max(count, 1))], device=device)
