@@ -30,10 +30,18 @@ class StepVerdict:
             by a clear gradguard did not see; zero ones mean GG102.
         reapplied: the gradient the previous step applied, untouched (GG101
             when nothing fresh is stepped).
-        reapplied_changed: the previous step's gradient object, changed in
-            place since (clipped again: GG101; zeroed: nothing to apply).
-        frozen_changed: frozen parameters' fresh gradients changed in place
-            since backward; zeroed ones apply nothing, so are not stale later.
+        reapplied_changed: a frozen parameter's gradient the previous step
+            applied, changed in place since (clipped again: GG101; zeroed:
+            nothing to apply).
+        rewritten: gradients written in place since the last step or clear
+            with no backward (``p.grad.copy_(g)``, a clear no wrapper sees):
+            nonzero ones are new content written by hand; zeros apply nothing.
+        assigned: gradients assigned since the last step or clear with no
+            backward (``p.grad = g``: torch.func, per-sample gradients, master
+            weights): new content written by hand, unless zero.
+        maybe_zero: gradients changed in place whose zeros only matter for
+            what the step applies (a frozen parameter's fresh gradient, a
+            cleared one written since): zeroed ones are not stale later.
         any_fresh: some trainable parameter holds a gradient from a backward
             since the last step.
         trainable: the optimizer holds at least one parameter that requires grad.
@@ -50,7 +58,9 @@ class StepVerdict:
     changed: list[torch.Tensor] = dataclasses.field(default_factory=list)
     reapplied: list[torch.Tensor] = dataclasses.field(default_factory=list)
     reapplied_changed: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    frozen_changed: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    rewritten: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    assigned: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    maybe_zero: list[torch.Tensor] = dataclasses.field(default_factory=list)
     any_fresh: bool = False
     trainable: bool = False
     fresh: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -66,8 +76,13 @@ class StepVerdict:
             self.trainable
             and not self.any_fresh
             and not (self.stale or self.cleared or self.reapplied or self.reapplied_changed)
-            and not self.stale_changed
+            and not (self.stale_changed or self.rewritten or self.assigned)
         )
+
+    @property
+    def nothing_new(self) -> bool:
+        """No gradient a backward or the user produced since the last step, as far as known."""
+        return self.trainable and not self.any_fresh and not self.assigned
 
 
 def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
@@ -110,8 +125,10 @@ def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
             _judge_fresh(verdict, param, slot, grad)
         elif slot.discarded:
             verdict.cleared.append(param)
+            if grad is not None and not grad.is_sparse and not slot.holds(grad):
+                verdict.maybe_zero.append(param)  # clipped zeros, or written since
         elif grad is not None:
-            _judge_unchanged(verdict, param, slot, grad)
+            _judge_unchanged(verdict, param, slot, grad, trainable=True)
     verdict.trainable = trainable
     verdict.any_fresh = verdict.any_fresh or any_fresh
     verdict.micro_batches = micro
@@ -151,24 +168,35 @@ def _judge_frozen(
         elif slot.stale:
             verdict.reapplied_changed.append(param)  # zeros: a clear, fine; else still stale
         else:
-            verdict.frozen_changed.append(param)
-    elif not slot.discarded:
-        _judge_unchanged(verdict, param, slot, grad)
+            verdict.maybe_zero.append(param)
+    elif slot.discarded:
+        if not slot.holds(grad):
+            verdict.maybe_zero.append(param)  # clipped zeros, or written since
+    else:
+        _judge_unchanged(verdict, param, slot, grad, trainable=False)
 
 
 def _judge_unchanged(
-    verdict: StepVerdict, param: torch.Tensor, slot: Slot, grad: torch.Tensor
+    verdict: StepVerdict, param: torch.Tensor, slot: Slot, grad: torch.Tensor, *, trainable: bool
 ) -> None:
+    """A gradient no backward wrote since the last step or clear."""
     ref = slot.ref
     if ref is None or ref() is not grad:
-        # Assigned by hand (torch.func, a custom loop): a gradient we did not
-        # see being made, so not one we can call stale.
-        verdict.any_fresh = True
-    elif slot.applied:
-        if grad._version == slot.version:
+        # Assigned by hand (torch.func, per-sample gradients, master weights):
+        # a gradient produced since the last step, not one we can call stale.
+        verdict.assigned.append(param)
+    elif grad._version == slot.version:
+        if slot.applied:
             verdict.reapplied.append(param)
-        elif not grad.is_sparse:
-            verdict.reapplied_changed.append(param)
+    elif grad.is_sparse:
+        pass
+    elif slot.applied and not trainable:
+        # A frozen layer's old gradient, rescaled by a clip over the model.
+        verdict.reapplied_changed.append(param)
+    else:
+        # Written in place since: copied into by hand, or zeroed by a clear
+        # no wrapper sees. Which one, the device says.
+        verdict.rewritten.append(param)
 
 
 class Windows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -33,6 +34,7 @@ from gradguard._exceptions import GradGuardError, GradGuardWarning
 from gradguard._findings import Finding, make_finding
 from gradguard._health import (
     Cadence,
+    FiniteProbe,
     ModuleNorms,
     NormHistory,
     Readback,
@@ -48,7 +50,16 @@ from gradguard._ranks import Exchange
 from gradguard._ranks import compare as compare_ranks
 from gradguard._ranks import start as start_rank_check
 from gradguard._session import session_defaults
-from gradguard._tracker import REGISTRY, STEPS, Slot, mark_applied, mark_cleared
+from gradguard._tracker import (
+    REGISTRY,
+    STEPS,
+    Slot,
+    catch_up,
+    inside_backward,
+    learn_shared,
+    mark_applied,
+    mark_cleared,
+)
 
 OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 Entries = list[tuple[torch.Tensor, Slot]]
@@ -67,6 +78,31 @@ _UNOPTIMIZED_EVERY = 25
 
 
 Resolver = Callable[[list[float], list["torch.Tensor | None"]], None]
+Params = list[torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroCheck:
+    """The device's answer to "which of these gradients are exactly zero?" for one step.
+
+    Attributes:
+        step: the step it is about.
+        zero: the parameters whose gradient is all zeros.
+        nonzero: those whose gradient is finite and not all zeros.
+        complete: every parameter asked about is in one of the two (none was
+            non-finite, or collected since).
+        finite: what the `FiniteProbe` read in the step's backward (1.0
+            finite, 0.0 not), if it watched one of these parameters.
+    """
+
+    step: int
+    zero: Params
+    nonzero: Params
+    complete: bool
+    finite: float | None
+
+
+ZeroJudge = Callable[[ZeroCheck], None]
 
 
 class _Pending:
@@ -137,6 +173,8 @@ class Guard:
         self._pending: list[_Pending] = []
         self._current: Entries | None = None
         self._zero_applied: set[int] = set()  # params this step applies as all-zero
+        self._finite_probe = FiniteProbe(self._hook_failed)
+        self._probe_shared = True  # look for gradients in shared buffers at the next step
         self._step = 0
         self._judge_next = judge_first_step
         self._judge_after: int | None = None  # frame of a closure step judged when it returns
@@ -262,15 +300,26 @@ class Guard:
             self._current = None
             return False  # nested in another step: one update, judged by the outer step
         self._step += 1
+        self._judge_after = None  # a step that died raising never returned to be judged
         self._drain(wait=False)
         entries = self._current = self._entries(opt)
+        if self._probe_shared:
+            self._probe_shared = False
+            learn_shared(entries)
+        if inside_backward():
+            catch_up(entries)
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         judge, self._judge_next = self._judge_next, True
         if not judge:
             return False
         if closure is not None:
             return True
-        self._judge(opt, entries)
+        verdict = judge_step(entries)
+        if verdict.nothing_new:
+            # Nothing new to apply yet: the step may make its own gradients
+            # (GSAM's set_closure, any optimizer holding its closure).
+            return True
+        self._judge(opt, entries, verdict)
         return False
 
     def _before_zero_grad(self, opt: torch.optim.Optimizer) -> None:
@@ -287,11 +336,14 @@ class Guard:
 
     # -- judging -------------------------------------------------------------
 
-    def _judge(self, opt: torch.optim.Optimizer, entries: Entries) -> None:
+    def _judge(
+        self, opt: torch.optim.Optimizer, entries: Entries, verdict: StepVerdict | None = None
+    ) -> None:
         every = self.options.check_ranks_every
         if every is not None and self._step % every == 0:
             self._check_ranks(entries)  # first: every rank must take part, whatever it finds
-        verdict = judge_step(entries)
+        if verdict is None:
+            verdict = judge_step(entries)
         if not verdict.trainable:
             return
         location = user_location()
@@ -305,20 +357,64 @@ class Guard:
 
     def _judge_lifecycle(self, verdict: StepVerdict, location: Location) -> None:
         """GG101-GG103: was this step's gradient made, kept and cleared at the right time."""
-        self._report("GG101", verdict.stale + verdict.reapplied, location, self._step)
-        self._report("GG102", verdict.cleared, location, self._step)
+        step = self._step
+        self._report("GG101", verdict.stale + verdict.reapplied, location, step)
+        self._report("GG102", verdict.cleared, location, step)
         # Gradients changed in place since we saw them: a clip leaves them
         # nonzero, a clear we could not see leaves zeros. Ask the device.
-        self._defer_zero(verdict.stale_changed, location, "GG102", "GG101", each=True)
-        self._defer_zero(verdict.changed, location, "GG102", None, each=False)
+        probe = (self._finite_probe.key, self._finite_probe.take())
+        self._defer_zero(
+            verdict.stale_changed, functools.partial(self._stale_changed, location), probe
+        )
+        self._defer_zero(verdict.changed, functools.partial(self._changed, location), probe)
         only_zeros_left = not (
             verdict.any_fresh or verdict.stale or verdict.reapplied or verdict.cleared
         )
-        on_zero = "GG103" if only_zeros_left else None
-        self._defer_zero(verdict.reapplied_changed, location, on_zero, "GG101", each=True)
-        self._defer_zero(verdict.frozen_changed, location, None, None, each=True)
+        frozen = frozenset(map(id, verdict.reapplied_changed))
+        self._defer_zero(
+            verdict.reapplied_changed + verdict.rewritten + verdict.assigned,
+            functools.partial(self._rewritten, location, frozen, only_zeros_left),
+        )
+        self._defer_zero(verdict.maybe_zero, None)
         if verdict.nothing_to_apply:
-            self._report("GG103", [], location, self._step)
+            self._report("GG103", [], location, step)
+
+    def _stale_changed(self, location: Location, check: ZeroCheck) -> None:
+        """Stale, then changed in place: zeroed by a clear we cannot see, or clipped (GG101)."""
+        if check.zero:
+            self._unseen_clear(location, check)
+        self._report("GG101", check.nonzero, location, check.step)
+
+    def _changed(self, location: Location, check: ZeroCheck) -> None:
+        """Fresh, then changed in place: all zero is a clear we cannot see, else a clip."""
+        if check.complete and check.zero and not check.nonzero:
+            self._unseen_clear(location, check)
+
+    def _rewritten(
+        self, location: Location, frozen: frozenset[int], only_zeros_left: bool, check: ZeroCheck
+    ) -> None:
+        """Written with no backward: a frozen layer's old gradient clipped again
+        (GG101), new content written by hand, or zeros (GG103 if nothing else)."""
+        nonzero = check.nonzero
+        self._report("GG101", [p for p in nonzero if id(p) in frozen], location, check.step)
+        for p in nonzero:
+            slot = self._slots.get(id(p))
+            if slot is not None and id(p) not in frozen:
+                slot.used = True
+        if only_zeros_left and check.complete and not nonzero:
+            self._report("GG103", [], location, check.step)
+
+    def _unseen_clear(self, location: Location, check: ZeroCheck) -> None:
+        """Fresh gradients zeroed in place by something no wrapper sees: GG102 if a clear.
+
+        A sanitising ``nan_to_num_`` leaves the same zeros when backward wrote
+        NaN. The first time, the `FiniteProbe` is armed on one of these
+        parameters; from then on, what backward wrote into it decides.
+        """
+        if check.finite is None:  # the probe watched none of them in this step's backward
+            self._finite_probe.arm(min(check.zero, key=torch.Tensor.numel))
+        elif check.finite == 1.0:
+            self._report("GG102", check.zero, location, check.step)
 
     def _check_ranks(self, entries: Entries) -> None:
         """GG401: compare what this step applies with the other ranks, one small collective."""
@@ -451,47 +547,45 @@ class Guard:
     def _defer_zero(
         self,
         params: list[torch.Tensor],
-        location: Location,
-        on_zero: str | None,
-        on_nonzero: str | None,
-        *,
-        each: bool,
+        judge: ZeroJudge | None,
+        probe: tuple[int | None, torch.Tensor | None] = (None, None),
     ) -> None:
-        """Report ``params`` as ``on_zero`` or ``on_nonzero`` once the device says which.
+        """Ask the device which of ``params``' gradients are exactly zero; judge once known.
 
-        With ``each`` every parameter is judged on its own; without, the codes
-        apply to the whole group, only when every gradient in it is zero (or
-        every one nonzero): a single zero gradient may be legitimate (a dead
-        ReLU), all of them at once is a clear. Either way a zero gradient is
-        remembered as applying nothing. Non-finite ones are never judged.
+        ``judge`` gets the parameters split by the answer; non-finite gradients
+        are in neither list (GG201's business: clipping spreads one NaN over
+        every gradient, zeros included). A zero gradient is remembered as
+        applying nothing, so a backward onto it later is not stale. ``probe``,
+        the `FiniteProbe`'s parameter and reading, is read back with them when
+        that parameter is among ``params``.
         """
         if not params:
             return
+        key, reading = probe
+        extra = reading if reading is not None and any(id(p) == key for p in params) else None
         grads = [p.grad for p in params if p.grad is not None]
-        readback = zero_flags(grads) if len(grads) == len(params) else None
+        readback = zero_flags(grads, extra) if len(grads) == len(params) else None
         del grads  # never hold gradients past this call
         if readback is None:
             return
         step = self._step
+        count = len(params)
 
-        def resolve(flags: list[float], alive: list[torch.Tensor | None]) -> None:
-            # 1.0 zero, 0.0 nonzero, NaN non-finite: GG201's business, not judged here.
+        def resolve(values: list[float], alive: list[torch.Tensor | None]) -> None:
+            # 1.0 zero, 0.0 nonzero, NaN non-finite; then the probe's reading.
+            flags = values[:count]
+            finite = values[count] if extra is not None else None
             zero = [p for p, z in zip(alive, flags, strict=True) if z == 1 and p is not None]
             nonzero = [p for p, z in zip(alive, flags, strict=True) if z == 0 and p is not None]
             for p in zero:
-                # The step applied zeros: a backward onto them later is not stale.
-                if step == self._step:
+                if step == self._step:  # the step has not recorded what it applied yet
                     self._zero_applied.add(id(p))
                 slot = self._slots.get(id(p))
                 if slot is not None:
                     slot.applied = slot.stale = False
-            if not each:
-                everyone = [p for p in alive if p is not None]
-                zero = everyone if all(z == 1 for z in flags) else []
-                nonzero = everyone if all(z == 0 for z in flags) else []
-            for code, group in ((on_zero, zero), (on_nonzero, nonzero)):
-                if code is not None and group:
-                    self._report(code, group, location, step)
+            if judge is not None:
+                complete = len(zero) + len(nonzero) == count
+                judge(ZeroCheck(step, zero, nonzero, complete, finite))
 
         self._defer(readback, params, resolve)
 
@@ -576,6 +670,7 @@ class Guard:
         if len(params) != len(cached) or not all(map(operator.is_, params, cached)):
             self._params = params
             self._cache = self._build_entries(opt)
+            self._probe_shared = True
             self._unhooked = [(p, s) for p, s in self._cache if s.handle is None]
             self._never_used = [(p, s) for p, s in self._cache if not s.used]
         elif self._unhooked:
@@ -669,6 +764,7 @@ class Guard:
             self._sweep("post" if iterating == "pre" else "pre")
         else:
             self._sweep()
+        self._finite_probe.remove()
         for slot in self._slots.values():
             REGISTRY.release(slot, self._hook_failed)
         self._slots.clear()

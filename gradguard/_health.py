@@ -13,8 +13,11 @@ import collections
 import math
 import operator
 import statistics
+import weakref
+from collections.abc import Callable
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 
 class Readback:
@@ -110,22 +113,81 @@ def _norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[int] | None]:
     return torch.cat([p.to(wide) for p in parts]), order
 
 
-def zero_flags(grads: list[torch.Tensor]) -> Readback | None:
+def zero_flags(grads: list[torch.Tensor], extra: torch.Tensor | None = None) -> Readback | None:
     """Queue "exactly zero" for each of ``grads`` as one batched reduction.
 
     One value per tensor: 1.0 for zero, 0.0 for finite and nonzero, NaN for
     non-finite. A NaN or Inf says nothing about a clear: clipping spreads one
-    gradient's NaN over every other, zeros included. Returns ``None`` when
-    the tensors span several devices, where one result would need a
-    cross-device copy per step.
+    gradient's NaN over every other, zeros included. ``extra``, a one-element
+    tensor on the same device, is read back with them as a last value.
+    Returns ``None`` when the tensors span several devices, where one result
+    would need a cross-device copy per step.
     """
-    if not _one_device(grads):
+    if not _one_device(grads) or (extra is not None and extra.device != grads[0].device):
         return None
     with torch.no_grad():
         norms, order = _norms(grads)
         unknown = torch.full_like(norms, math.nan)
         flags = torch.where(norms.isfinite(), norms.eq(0).to(norms.dtype), unknown)
+        if extra is not None:
+            flags = torch.cat([flags, extra.to(flags.dtype).reshape(1)])
         return Readback(flags, order)
+
+
+class FiniteProbe:
+    """Whether one parameter's gradient was finite when the last backward wrote it.
+
+    Armed on a parameter whose fresh gradient was found zeroed in place by
+    something no wrapper sees: a clear, or a sanitising ``nan_to_num_`` of a
+    backward that wrote NaN. The next time it happens, the probe tells the
+    two apart. One small reduction per backward, queued on the device, only
+    while armed; it holds no gradient.
+    """
+
+    def __init__(self, on_error: Callable[[BaseException], None]) -> None:
+        self._on_error = on_error
+        self._param: weakref.ref[torch.Tensor] | None = None
+        self._handle: RemovableHandle | None = None
+        self._finite: torch.Tensor | None = None
+
+    @property
+    def key(self) -> int | None:
+        """``id`` of the parameter probed, if armed and alive."""
+        param = self._param() if self._param is not None else None
+        return None if param is None else id(param)
+
+    def arm(self, param: torch.Tensor) -> None:
+        """Probe ``param`` from its next backward on (and nothing else)."""
+        if self.key == id(param) or not param.requires_grad:
+            return
+        self.remove()
+        self._param = weakref.ref(param)
+        self._handle = param.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+            self._on_accumulate
+        )
+
+    def take(self) -> torch.Tensor | None:
+        """The finiteness (a one-element bool tensor) the last backward left, then forget it."""
+        finite, self._finite = self._finite, None
+        return finite
+
+    def remove(self) -> None:
+        """Disarm; idempotent."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._param = None
+        self._finite = None
+
+    def _on_accumulate(self, param: torch.Tensor) -> None:
+        try:
+            grad = param.grad
+            if grad is not None and not grad.is_sparse:
+                with torch.no_grad():
+                    self._finite = torch.isfinite(grad).all()
+        except Exception as exc:
+            self.remove()
+            self._on_error(exc)
 
 
 def grad_norms(

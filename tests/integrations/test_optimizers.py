@@ -102,6 +102,63 @@ def test_an_optimizer_from_another_package(zero_grad):
     assert [(f.code, f.step) for f in g.findings] == ([] if zero_grad else [("GG101", 2)])
 
 
+def sam_family(kind: str, wrap) -> list[torch.Tensor]:
+    """pytorch-optimizer's GSAM with its stored closure, or SAM with a closure, as documented."""
+    po = require("pytorch_optimizer")
+    net = model()
+    data = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    if kind == "GSAM":
+        base = torch.optim.SGD(net.parameters(), lr=0.05)
+        schedule = torch.optim.lr_scheduler.StepLR(base, step_size=10)
+        rho = po.ProportionScheduler(schedule, max_lr=0.05)
+        opt = wrap(po.GSAM(net.parameters(), base, model=net, rho_scheduler=rho), net)
+        for x in data:
+            opt.set_closure(lambda out, y: (out - y).pow(2).mean(), x, x[:, :2])
+            opt.step()  # runs the stored closure: no closure argument
+            schedule.step()
+            opt.update_rho_t()
+    else:
+        opt = wrap(po.SAM(net.parameters(), torch.optim.SGD, lr=0.05), net)
+        for x in data:
+            opt.zero_grad()
+
+            def closure(x: torch.Tensor = x) -> torch.Tensor:
+                opt.zero_grad()
+                loss = (net(x) - x[:, :2]).pow(2).mean()
+                loss.backward()
+                return loss
+
+            closure()
+            opt.step(closure)
+    return [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["GSAM", "SAM"])
+@pytest.mark.parametrize("entry", ["guard", "install"])
+def test_sharpness_aware_optimizers_from_pytorch_optimizer(kind, entry):
+    """GSAM's ``set_closure`` then a plain ``step()``, and SAM's closure: silent, bit-identical."""
+    plain = sam_family(kind, lambda opt, net: opt)
+    guards: list[gradguard.Guard] = []
+    if entry == "install":
+        gradguard.install(mode="strict")
+        try:
+            guarded = sam_family(kind, lambda opt, net: opt)
+        finally:
+            assert gradguard.uninstall() == []
+    else:
+
+        def wrap(opt, net):
+            gradguard.guard(opt, model=net, mode="strict")
+            guards.append(gradguard.guard_of(opt))
+            return opt
+
+        guarded = sam_family(kind, wrap)
+        for g in guards:
+            assert g.findings == []
+            g.close()
+    assert all(torch.equal(a, b) for a, b in zip(plain, guarded, strict=True))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="capturable=True needs CUDA parameters")
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_capturable_optimizers_on_cuda(cls):
