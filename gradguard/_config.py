@@ -18,7 +18,7 @@ class Options:
     accumulation_steps: int | None = None
     check_numerics: bool = True
     numerics_every: int | None = None
-    explode_factor: float = 10.0
+    explode_factor: float = 100.0
     max_grad_norm: float | None = None
     unused_after: int = 20
     record_norms: bool = False
@@ -32,7 +32,7 @@ def make_options(
     accumulation_steps: object = None,
     check_numerics: object = True,
     numerics_every: object = None,
-    explode_factor: object = 10.0,
+    explode_factor: object = 100.0,
     max_grad_norm: object = None,
     unused_after: object = 20,
     record_norms: object = False,
@@ -45,7 +45,7 @@ def make_options(
         accumulation_steps=_positive_int("accumulation_steps", accumulation_steps, optional=True),
         check_numerics=_bool("check_numerics", check_numerics),
         numerics_every=_positive_int("numerics_every", numerics_every, optional=True),
-        explode_factor=_positive_float("explode_factor", explode_factor, above=1.0) or 10.0,
+        explode_factor=_positive_float("explode_factor", explode_factor, above=1.0) or 100.0,
         max_grad_norm=_positive_float("max_grad_norm", max_grad_norm, optional=True),
         unused_after=_positive_int("unused_after", unused_after) or 20,
         record_norms=_bool("record_norms", record_norms),

@@ -86,11 +86,11 @@ class NonFiniteGradientError(GradGuardError):
 
 
 class ExplodingGradientWarning(GradGuardWarning):
-    """GG202: the gradient norm jumped far above its running median."""
+    """GG202: the gradient norm exploded, by a jump or a sustained rise."""
 
 
 class ExplodingGradientError(GradGuardError):
-    """GG202: the gradient norm jumped far above its running median."""
+    """GG202: the gradient norm exploded, by a jump or a sustained rise."""
 
 
 class UnusedParameterWarning(GradGuardWarning):

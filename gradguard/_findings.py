@@ -104,7 +104,10 @@ CATALOGUE: dict[str, Code] = {
             code="GG202",
             name="exploding-gradient",
             level="warning",
-            summary="the gradient norm jumped far above its running median",
+            summary=(
+                "the gradient norm exploded: it jumped far past any earlier step's, "
+                "or kept rising step after step"
+            ),
             hint=(
                 "clip with torch.nn.utils.clip_grad_norm_ before step(), lower the learning "
                 "rate or add warm-up"

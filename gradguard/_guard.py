@@ -932,7 +932,7 @@ def guard(
     accumulation_steps: int | None = None,
     check_numerics: bool = True,
     numerics_every: int | None = None,
-    explode_factor: float = 10.0,
+    explode_factor: float = 100.0,
     max_grad_norm: float | None = None,
     unused_after: int = 20,
     record_norms: bool | None = None,
@@ -959,7 +959,8 @@ def guard(
             step, except on a CPU with more than 256 gradient tensors, where
             the norm pass loops over tensors: every ceil(n / 256)-th step.
         explode_factor: GG202 fires when the total gradient norm reaches this
-            multiple of its running median.
+            multiple of the largest norm of any earlier step, or rises at each
+            of 6 steps in a row by this factor in all.
         max_grad_norm: GG202 also fires above this absolute total norm.
         unused_after: steps after which a parameter that never received a
             gradient is reported (GG301).
@@ -1007,7 +1008,7 @@ def guarding(
     accumulation_steps: int | None = None,
     check_numerics: bool = True,
     numerics_every: int | None = None,
-    explode_factor: float = 10.0,
+    explode_factor: float = 100.0,
     max_grad_norm: float | None = None,
     unused_after: int = 20,
     record_norms: bool | None = None,

@@ -9,10 +9,8 @@ it costs nothing either.
 
 from __future__ import annotations
 
-import collections
 import math
 import operator
-import statistics
 import weakref
 from collections.abc import Callable
 
@@ -214,32 +212,67 @@ def grad_norms(
 
 
 class NormHistory:
-    """Running record of total gradient norms, to tell a jump from normal variation."""
+    """Tells an explosion of the total gradient norm from the variance of healthy training.
+
+    Two shapes are explosions (GG202):
+
+    * a jump: a norm at least ``factor`` times the largest of any earlier step
+      (an outlier batch, a loss singularity, a learning rate far too high);
+    * sustained growth: a norm that rose at each of at least ``streak`` steps
+      in a row, by ``factor`` in all since the rise began (divergence).
+
+    Healthy training varies far less against those baselines, even where the
+    norm moves a lot against its median: an actor-critic loss summed over
+    episodes that grow from 10 to 500 steps jumped at most 7x past its
+    largest earlier norm, and rose at most 7x over a run of rising steps; a
+    converged model moved to a new target (two-stage training) came back to
+    at most 5x the norms of its first stage. Steps found exploding do not
+    raise the baseline, and non-finite norms (GG201's business) never enter it.
+    """
 
     def __init__(
-        self, factor: float, max_norm: float | None, warmup: int = 20, size: int = 200
+        self, factor: float, max_norm: float | None, warmup: int = 20, streak: int = 6
     ) -> None:
         self.factor = factor
         self.max_norm = max_norm
         self.warmup = warmup
-        self._norms: collections.deque[float] = collections.deque(maxlen=size)
+        self.streak = streak
+        self._seen = 0
+        self._peak = 0.0  # the largest total norm of any earlier step not found exploding
+        self._last: float | None = None
+        self._rising = 0  # steps in a row the norm rose
+        self._rise_from = 0.0  # the norm the current rise started from
 
     def judge(self, total: float) -> str | None:
-        """Record ``total``; return why it is exploding, or ``None``.
-
-        A non-finite norm is another finding's business and never enters
-        the history, so one NaN step does not poison the median.
-        """
+        """Record ``total``; return why it is exploding, or ``None``."""
         if not math.isfinite(total):
+            self._last = None  # a NaN step breaks a rise
             return None
+        if self._last is not None and total > self._last:
+            self._rising += 1
+        else:
+            self._rising, self._rise_from = 0, total
+        self._last = total
         verdict = None
         if self.max_norm is not None and total > self.max_norm:
             verdict = f"total norm {total:.3g} > max_grad_norm {self.max_norm:g}"
-        elif len(self._norms) >= self.warmup:
-            median = statistics.median(self._norms)
-            if median > 0 and total >= self.factor * median:
-                verdict = f"total norm {total:.3g} is {total / median:.0f}x its median {median:.3g}"
-        self._norms.append(total)
+        elif self._seen >= self.warmup and self._peak > 0 and total >= self.factor * self._peak:
+            verdict = (
+                f"total norm {total:.3g} is {total / self._peak:.0f}x "
+                f"the largest of any earlier step, {self._peak:.3g}"
+            )
+        elif (
+            self._seen >= self.warmup
+            and self._rising >= self.streak
+            and total >= self.factor * self._rise_from
+        ):
+            verdict = (
+                f"total norm {total:.3g} rose at each of the last {self._rising} steps, "
+                f"{total / self._rise_from:.0f}x in all"
+            )
+        self._seen += 1
+        if verdict is None:
+            self._peak = max(self._peak, total)
         return verdict
 
 

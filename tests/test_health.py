@@ -111,7 +111,7 @@ def test_gradient_norm_jump_is_exploding_and_names_the_largest_shares(net):
     assert f.step == 26
     assert f.params
     assert set(f.params) <= set(ALL)
-    assert "x its median" in f.message
+    assert "x the largest of any earlier step" in f.message
 
 
 def test_absolute_max_grad_norm(net):
@@ -145,6 +145,100 @@ def test_clipping_before_step_keeps_a_spike_silent(net):
             torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)
             opt.step()
     assert g.findings == []
+
+
+# Episode lengths of an actor-critic agent learning to balance a pole, as
+# measured on pytorch/examples' CartPole: short random episodes, then a few
+# episodes each two to three times longer than any before, then the cap.
+EPISODES = [12, 9, 15, 11, 22, 14, 10, 31, 18, 25, 40, 28, 62, 59, 76, 112, 89, 219, 271, 140]
+EPISODES += [622, 500, 1999, 900, 1999, 1999, 1500, 1999]
+
+
+class ActorCritic(nn.Module):
+    """pytorch/examples' actor-critic policy: one hidden layer, an action and a value head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.affine1 = nn.Linear(4, 128)
+        self.action_head = nn.Linear(128, 2)
+        self.value_head = nn.Linear(128, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.affine1(x))
+        return F.softmax(self.action_head(h), dim=-1), self.value_head(h)
+
+
+def test_an_actor_critic_loss_summed_over_growing_episodes_is_not_exploding():
+    """The episode's loss is a sum over its steps, so its norm follows the episode's
+    length, up to 100x its median and 7x past any earlier one here: not an explosion."""
+    torch.manual_seed(543)
+    model = ActorCritic()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    states = torch.Generator().manual_seed(0)
+    norms = []
+    with gradguard.guarding(opt, model=model, mode="strict", record_norms=False) as g:
+        for length in EPISODES:
+            probs, values = model(torch.randn(length, 4, generator=states) * 0.05)
+            actions = torch.distributions.Categorical(probs)
+            taken = actions.sample()
+            returns = torch.tensor([0.99**t for t in range(length)]).flip(0).cumsum(0)
+            returns = (returns - returns.mean()) / (returns.std() + 1e-7)
+            advantage = returns - values.detach().squeeze(1)
+            policy_loss = (-actions.log_prob(taken) * advantage).sum()
+            value_loss = F.smooth_l1_loss(values.squeeze(1), returns, reduction="sum")
+            opt.zero_grad()
+            (policy_loss + value_loss).backward()
+            norms.append(
+                torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in model.parameters()])
+                ).item()
+            )
+            opt.step()
+    assert g.findings == []
+    late = sorted(norms[:20])[10]
+    assert max(norms[20:]) > 30 * late  # the shape being tested: the norm follows the length
+
+
+def test_a_converged_model_moved_to_a_new_target_is_not_exploding():
+    """Two-stage training: a converged model's norm jumps back to its first stage's scale."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    data = torch.Generator().manual_seed(0)
+    norms = []
+    with gradguard.guarding(opt, model=model, mode="strict") as g:
+        for step in range(700):
+            x = torch.randn(64, 8, generator=data)
+            y = x[:, :1].sin() if step < 500 else (x[:, 1:2] * 3).cos() * 2 + 1
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            norms.append(sum(p.grad.norm() ** 2 for p in model.parameters()).sqrt().item())
+            opt.step()
+    assert g.findings == []
+    converged = sorted(norms[400:500])[50]
+    assert max(norms[500:]) > 20 * converged  # what a median-based rule called an explosion
+
+
+def test_geometric_divergence_from_a_learning_rate_far_too_high():
+    """SGD at a learning rate past stability grows the norm a few times per step: GG202
+    once it has risen at each of 6 steps in a row by 100x, well before it overflows."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = torch.Generator().manual_seed(0)
+    with gradguard.guarding(opt, model=model, mode="log") as g:
+        for step in range(60):
+            if step == 25:
+                opt.param_groups[0]["lr"] = 1.5  # the bug: a typo in the schedule
+            x = torch.randn(64, 16, generator=data)
+            opt.zero_grad()
+            F.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
+            opt.step()
+    assert codes(g) == ["GG202"]
+    (f,) = g.findings
+    assert 26 < f.step <= 36
+    assert "rose at each of the last" in f.message
+    assert torch.isfinite(model.weight).all()  # found long before it overflows
 
 
 # -- GG104 accumulation-mismatch -------------------------------------------------
