@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ALL, ENCODER, HEAD, batches, codes, loss_of
 from torch import nn
+from twins import Wrap, assert_silent_and_identical
 
 import gradguard
 import gradguard.testing
@@ -168,55 +169,66 @@ class ActorCritic(nn.Module):
         return F.softmax(self.action_head(h), dim=-1), self.value_head(h)
 
 
+def total_norm(model: nn.Module) -> float:
+    """The total 2-norm of ``model``'s gradients."""
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+
+
+def actor_critic(wrap: Wrap, norms: list[float]) -> list[torch.Tensor]:
+    """pytorch/examples' actor-critic update, one per episode of the lengths in `EPISODES`."""
+    torch.manual_seed(543)
+    model = ActorCritic()
+    opt = wrap(torch.optim.Adam(model.parameters(), lr=3e-2), model)
+    states = torch.Generator().manual_seed(0)
+    for length in EPISODES:
+        probs, values = model(torch.randn(length, 4, generator=states) * 0.05)
+        actions = torch.distributions.Categorical(probs)
+        taken = actions.sample()
+        returns = torch.tensor([0.99**t for t in range(length)]).flip(0).cumsum(0)
+        returns = (returns - returns.mean()) / (returns.std() + 1e-7)
+        advantage = returns - values.detach().squeeze(1)
+        policy_loss = (-actions.log_prob(taken) * advantage).sum()
+        value_loss = F.smooth_l1_loss(values.squeeze(1), returns, reduction="sum")
+        opt.zero_grad()
+        (policy_loss + value_loss).backward()
+        norms.append(total_norm(model))
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def test_an_actor_critic_loss_summed_over_growing_episodes_is_not_exploding():
     """The episode's loss is a sum over its steps, so its norm follows the episode's
     length, up to 100x its median and 7x past any earlier one here: not an explosion."""
-    torch.manual_seed(543)
-    model = ActorCritic()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-    states = torch.Generator().manual_seed(0)
-    norms = []
-    with gradguard.guarding(opt, model=model, mode="strict", record_norms=False) as g:
-        for length in EPISODES:
-            probs, values = model(torch.randn(length, 4, generator=states) * 0.05)
-            actions = torch.distributions.Categorical(probs)
-            taken = actions.sample()
-            returns = torch.tensor([0.99**t for t in range(length)]).flip(0).cumsum(0)
-            returns = (returns - returns.mean()) / (returns.std() + 1e-7)
-            advantage = returns - values.detach().squeeze(1)
-            policy_loss = (-actions.log_prob(taken) * advantage).sum()
-            value_loss = F.smooth_l1_loss(values.squeeze(1), returns, reduction="sum")
-            opt.zero_grad()
-            (policy_loss + value_loss).backward()
-            norms.append(
-                torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in model.parameters()])
-                ).item()
-            )
-            opt.step()
-    assert g.findings == []
-    late = sorted(norms[:20])[10]
-    assert max(norms[20:]) > 30 * late  # the shape being tested: the norm follows the length
+    norms: list[float] = []
+    assert_silent_and_identical(lambda wrap: actor_critic(wrap, norms))
+    plain = norms[: len(EPISODES)]
+    early = sorted(plain[:20])[10]
+    assert max(plain[20:]) > 30 * early  # the shape being tested: the norm follows the length
+
+
+def two_stage(wrap: Wrap, norms: list[float]) -> list[torch.Tensor]:
+    """Adam fits one target until converged, then a second one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = wrap(torch.optim.Adam(model.parameters(), lr=3e-3), model)
+    data = torch.Generator().manual_seed(0)
+    for step in range(700):
+        x = torch.randn(64, 8, generator=data)
+        y = x[:, :1].sin() if step < 500 else (x[:, 1:2] * 3).cos() * 2 + 1
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        norms.append(total_norm(model))
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
 
 
 def test_a_converged_model_moved_to_a_new_target_is_not_exploding():
     """Two-stage training: a converged model's norm jumps back to its first stage's scale."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    data = torch.Generator().manual_seed(0)
-    norms = []
-    with gradguard.guarding(opt, model=model, mode="strict") as g:
-        for step in range(700):
-            x = torch.randn(64, 8, generator=data)
-            y = x[:, :1].sin() if step < 500 else (x[:, 1:2] * 3).cos() * 2 + 1
-            opt.zero_grad()
-            F.mse_loss(model(x), y).backward()
-            norms.append(sum(p.grad.norm() ** 2 for p in model.parameters()).sqrt().item())
-            opt.step()
-    assert g.findings == []
-    converged = sorted(norms[400:500])[50]
-    assert max(norms[500:]) > 20 * converged  # what a median-based rule called an explosion
+    norms: list[float] = []
+    assert_silent_and_identical(lambda wrap: two_stage(wrap, norms))
+    plain = norms[:700]
+    converged = sorted(plain[400:500])[50]
+    assert max(plain[500:]) > 20 * converged  # what a median-based rule called an explosion
 
 
 def test_geometric_divergence_from_a_learning_rate_far_too_high():
