@@ -14,13 +14,6 @@ from torch import nn
 
 from gradguard._naming import find_owner_modules
 
-# parameter id -> (the module holding it, the model that module belongs to)
-_Owners = dict[int, tuple["weakref.ref[nn.Module]", "weakref.ref[nn.Module]"]]
-
-
-def _dead() -> None:
-    return None
-
 
 class ModelWatch:
     """The models owning an optimizer's parameters, and each parameter's owner module."""
@@ -28,7 +21,8 @@ class ModelWatch:
     def __init__(self, models: list[nn.Module]) -> None:
         self._given = bool(models)
         self._models = [weakref.ref(m) for m in models]
-        self._owners: _Owners = {}
+        self._owners: dict[int, weakref.ref[nn.Module]] = {}  # param id -> module holding it
+        self._orphans: set[int] = set()  # param ids no known module holds
         self._confirmed: set[int] = set()
 
     def models(self, params: list[torch.Tensor]) -> list[nn.Module]:
@@ -38,32 +32,42 @@ class ModelWatch:
         return [m for m in (r() for r in self._models) if m is not None]
 
     def in_eval(self, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The ``fresh`` parameters trained while their model and owner module are in eval.
+        """The ``fresh`` parameters, when every one of them lives in a module in eval mode.
 
-        A frozen backbone or BatchNorm layers kept in eval inside a model in
-        train mode are deliberate; a whole model left in eval after
-        validation is the bug.
+        The mode that matters is that of the module a parameter lives in, not
+        of the outermost one: a task module wrapping the model and its loss
+        (timm) stays in train mode while validation put the model in eval.
+        One parameter in a module in train mode makes the step a training
+        step, so BatchNorm layers kept in eval, or a backbone kept in eval
+        for its statistics, inside a model that trains are not reported. The
+        first owner in train mode ends the look, so a correct step costs one
+        lookup.
         """
-        models = self.models(fresh)
-        if not fresh or all(m.training for m in models):
-            return []
-        owners = self._owner_map(models, fresh)
         out = []
         for p in fresh:
-            module, model = (r() for r in owners.get(id(p), (_dead, _dead)))
-            if module is not None and model is not None and not (module.training or model.training):
-                out.append(p)
+            module = self._owner(p, fresh)
+            if module is None:
+                continue  # lives in no module we know: no mode to judge
+            if module.training:
+                return []
+            out.append(p)
         return out
 
-    def _owner_map(self, models: list[nn.Module], fresh: list[torch.Tensor]) -> _Owners:
-        # Built once and rebuilt only when a parameter it does not know shows up.
-        if any(id(p) not in self._owners for p in fresh):
-            self._owners = {}
-            for model in models:
-                for module in model.modules():
-                    for p in module.parameters(recurse=False):
-                        self._owners.setdefault(id(p), (weakref.ref(module), weakref.ref(model)))
-        return self._owners
+    def _owner(self, param: torch.Tensor, fresh: list[torch.Tensor]) -> nn.Module | None:
+        key = id(param)
+        ref = self._owners.get(key)
+        if ref is None and key not in self._orphans:
+            # A parameter we have not placed: map every module's own parameters
+            # once, and remember the ones none holds so as not to look again.
+            self._owners = {
+                id(p): weakref.ref(module)
+                for model in self.models(fresh)
+                for module in model.modules()
+                for p in module.parameters(recurse=False)
+            }
+            self._orphans = {id(p) for p in fresh if id(p) not in self._owners}
+            ref = self._owners.get(key)
+        return None if ref is None else ref()
 
     def unoptimized(self, held: set[int]) -> list[torch.Tensor]:
         """Trainable model parameters holding a gradient that no optimizer in ``held`` owns.

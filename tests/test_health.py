@@ -573,6 +573,79 @@ def test_batchnorm_layers_alone_in_eval_are_silent():
     assert g.findings == []
 
 
+class ClassificationTask(nn.Module):
+    """A task module owning the model and its loss, as timm's ``train.py`` builds one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = nn.MSELoss()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model(x), y)
+
+
+def task_epochs(entry: str, *, resume_train: bool) -> list[str]:
+    """Two epochs of a task module; validation puts only the inner model in eval.
+
+    ``entry`` guards the optimizer with ``guard(opt)`` (no ``model=``) or, as
+    ``gradguard run`` does, with ``install()``. Returns the finding codes.
+    """
+    torch.manual_seed(0)
+    task = ClassificationTask(BNNet())
+    opt = torch.optim.SGD(task.parameters(), lr=0.1)
+    fired: list[gradguard.Finding] = []
+    handle = gradguard._dispatch.add_sink(lambda f, first: fired.append(f))
+    if entry == "install":
+        gradguard.install(mode="log")
+    else:
+        gradguard.guard(opt, mode="log")
+    try:
+        with structlog.testing.capture_logs():
+            task.train()
+            for _epoch in range(2):
+                if resume_train:
+                    task.train()  # the fix: training mode for everything the task owns
+                for x, y in batches(4):
+                    opt.zero_grad()
+                    task(x, y).backward()
+                    opt.step()
+                task.model.eval()  # validation, on the inner model only
+                with torch.no_grad():
+                    task(*batches(1)[0])
+    finally:
+        gradguard.uninstall()
+        gradguard.unguard(opt)
+        handle.remove()
+    return [f"{f.code}@{f.step}" for f in fired]
+
+
+@pytest.mark.parametrize("entry", ["guard", "install"])
+def test_training_in_eval_mode_behind_a_wrapper_module(entry):
+    """timm's task module stays in train mode while the model it wraps was left in eval."""
+    # From the first step of the second epoch, every step; install() judges from step 2.
+    assert task_epochs(entry, resume_train=False) == ["GG303@5"] * 4
+
+
+@pytest.mark.parametrize("entry", ["guard", "install"])
+def test_a_wrapper_module_put_back_in_train_mode_is_silent(entry):
+    """The correct twin: ``task.train()`` at the start of every epoch."""
+    assert task_epochs(entry, resume_train=True) == []
+
+
+def test_a_backbone_kept_in_eval_while_it_trains_is_silent():
+    """Fine-tuning with the backbone in eval (frozen statistics, no dropout) and the head
+    in train mode is deliberate: one training module makes it a training step."""
+    torch.manual_seed(0)
+    model = BNNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradguard.guarding(opt, model=model, mode="strict") as g:
+        model.train()
+        model.backbone.eval()
+        train(model, opt, steps=3)
+    assert g.findings == []
+
+
 def test_bad_options_are_rejected_at_the_call(net):
     """Out-of-range options are ValueErrors, wrong types TypeErrors, naming the option."""
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
