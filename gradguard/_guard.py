@@ -44,7 +44,7 @@ from gradguard._health import (
 )
 from gradguard._integrations import accumulation_steps as framework_accumulation
 from gradguard._integrations import unwrap
-from gradguard._models import ModelWatch
+from gradguard._models import ModelWatch, Sighting
 from gradguard._naming import Location, ParamNamer, fallback_names, user_location
 from gradguard._ranks import Exchange
 from gradguard._ranks import compare as compare_ranks
@@ -75,6 +75,9 @@ _LABELS: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)
 _LOCK = threading.Lock()
 # How often the model-level check for parameters no optimizer holds runs.
 _UNOPTIMIZED_EVERY = 25
+# Whether a guard of this run (since the last time no guard was left) opened
+# its `Sighting`: one per run, however many optimizers are guarded.
+_SIGHTED = False
 
 
 Resolver = Callable[[list[float], list["torch.Tensor | None"]], None]
@@ -174,6 +177,8 @@ class Guard:
         self._current: Entries | None = None
         self._zero_applied: set[int] = set()  # params this step applies as all-zero
         self._finite_probe = FiniteProbe(self._hook_failed)
+        self._sighting: Sighting | None = None  # GG302 beyond the known models
+        self._sighted_at = 0
         self._probe_shared = True  # look for gradients in shared buffers at the next step
         self._step = 0
         self._judge_next = judge_first_step
@@ -452,6 +457,32 @@ class Guard:
         if self._step % _UNOPTIMIZED_EVERY == 2 % _UNOPTIMIZED_EVERY:
             held = set(REGISTRY.watched())
             self._report("GG302", self._models.unoptimized(held), location, self._step)
+            self._sight(held, location)
+        elif self._sighting is not None and self._step == self._sighted_at + 1:
+            self._sighting.look(self._models.models([]), set(REGISTRY.watched()))
+            if not self._sighting.candidates:
+                self._end_sighting()
+
+    def _sight(self, held: set[int], location: Location) -> None:
+        """GG302 for modules gradguard was not told about: open a `Sighting`, or judge it."""
+        global _SIGHTED
+        sighting = self._sighting
+        if sighting is None:
+            if not _SIGHTED:
+                _SIGHTED = True
+                self._sighting, self._sighted_at = Sighting(), self._step
+            return
+        found = sighting.confirm(held)
+        self._end_sighting()
+        if found:
+            params = [p for p, _ in found]
+            names = tuple(name for _, name in found)
+            self._report("GG302", params, location, self._step, names=names)
+
+    def _end_sighting(self) -> None:
+        if self._sighting is not None:
+            self._sighting.close()
+            self._sighting = None
 
     def _report_unused(self, final: bool, location: Location | None = None) -> None:
         due = []
@@ -626,15 +657,18 @@ class Guard:
         location: Location,
         step: int,
         detail: str = "",
+        names: tuple[str, ...] | None = None,
     ) -> None:
+        """Report ``code`` for ``params``, named by the models unless ``names`` are given."""
         if code == "GG103":
             params = self._trainable()  # none of them got a gradient
         if not params:
             return
-        ids = tuple(id(p) for p in params)
-        names = self._named.get(ids)
         if names is None:
-            names = self._named[ids] = self._names(params)
+            ids = tuple(id(p) for p in params)
+            names = self._named.get(ids)
+            if names is None:
+                names = self._named[ids] = self._names(params)
         finding = make_finding(
             code,
             step=step,
@@ -765,8 +799,12 @@ class Guard:
         else:
             self._sweep()
         self._finite_probe.remove()
+        self._end_sighting()
         for slot in self._slots.values():
             REGISTRY.release(slot, self._hook_failed)
+        if len(REGISTRY) == 0:
+            global _SIGHTED
+            _SIGHTED = False  # the run is over: the next one looks again
         self._slots.clear()
         self._cache, self._unhooked, self._never_used, self._params = [], [], [], []
         self._pending.clear()

@@ -506,6 +506,89 @@ def test_parameters_held_by_an_unguarded_optimizer_are_silent(net):
     assert g.findings == []
 
 
+class Student(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class Teacher(Student):
+    """A larger copy: the model distilled from."""
+
+
+def distill(teacher_use: str, *, steps: int = 30, teacher_opt_every: int = 0) -> list[tuple]:
+    """Distil a `Teacher` into a `Student`, only the student's optimizer guarded.
+
+    ``teacher_use``: ``"trainable"`` runs the teacher with gradients (the bug),
+    ``"frozen"`` freezes it first, ``"no_grad"`` runs it under ``torch.no_grad()``.
+    With ``teacher_opt_every``, an unguarded optimizer also trains the teacher,
+    stepping that often. Returns ``(code, step, params)`` per finding.
+    """
+    torch.manual_seed(0)
+    student, teacher = Student(), Teacher()
+    if teacher_use == "frozen":
+        teacher.requires_grad_(False)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    teacher_opt = torch.optim.SGD(teacher.parameters(), lr=0.01) if teacher_opt_every else None
+    with (
+        structlog.testing.capture_logs(),
+        gradguard.guarding(opt, model=student, mode="log") as g,
+        gradguard.testing.record(g) as fired,
+    ):
+        for i, (x, _) in enumerate(batches(steps)):
+            opt.zero_grad()
+            if teacher_use == "no_grad":
+                with torch.no_grad():
+                    target = teacher(x)
+            else:
+                target = teacher(x)
+            F.mse_loss(student(x), target).backward()
+            opt.step()
+            if teacher_opt is not None and (i + 1) % teacher_opt_every == 0:
+                teacher_opt.step()
+                teacher_opt.zero_grad()
+    return [(f.code, f.step, f.params) for f in fired]
+
+
+TEACHER = (
+    "Teacher.body.0.weight",
+    "Teacher.body.0.bias",
+    "Teacher.head.weight",
+    "Teacher.head.bias",
+)
+
+
+@pytest.fixture
+def nothing_compiled() -> None:
+    """Forget what earlier tests compiled: forward passes are watched only before that."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+
+
+def test_a_trainable_teacher_no_optimizer_holds_is_unoptimized(nothing_compiled):
+    """A teacher left trainable gets gradients every step that nothing applies: GG302,
+    found among the modules that ran, confirmed at the next check, named by class."""
+    assert distill("trainable") == [("GG302", 27, TEACHER)]
+
+
+@pytest.mark.parametrize("teacher_use", ["frozen", "no_grad"])
+def test_a_frozen_or_no_grad_teacher_is_silent(teacher_use):
+    """The correct twins: a frozen teacher, or one run under no_grad, gets no gradient."""
+    assert distill(teacher_use) == []
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_a_teacher_its_own_unguarded_optimizer_trains_is_silent(every):
+    """Co-training: an optimizer gradguard does not watch holds the teacher, stepping
+    every step or every tenth: it is seen stepping before any report."""
+    assert distill("trainable", teacher_opt_every=every) == []
+
+
 # -- GG303 eval-mode-step --------------------------------------------------------
 
 

@@ -206,3 +206,56 @@ def test_bad_arguments_exit_2_naming_the_value(
         main(argv)
     assert info.value.code == 2
     assert named in capsys.readouterr().err
+
+
+DISTILL_SCRIPT = """\
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+torch.manual_seed(0)
+student = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+class LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3, bias=False)
+
+
+teacher = LM()
+opt = torch.optim.SGD(student.parameters(), lr=0.05)
+for step in range(30):
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        hidden = teacher.body(x)
+    weight = teacher.head.weight if sys.argv[1] == "bug" else teacher.head.weight.detach()
+    teacher_logits = hidden @ weight.T  # the head applied as a raw weight
+    loss = F.kl_div(
+        F.log_softmax(student(x), -1), F.softmax(teacher_logits, -1), reduction="batchmean"
+    )
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+@pytest.mark.parametrize("variant", ["bug", "detached"])
+def test_a_teacher_head_used_as_a_raw_weight(tmp_path: Path, subprocess_env, variant) -> None:
+    """A teacher's head weight used outside no_grad gets gradients no optimizer applies:
+    GG302 under the runner, named from the script's globals; detached, silent."""
+    script = tmp_path / "distill.py"
+    script.write_text(DISTILL_SCRIPT, encoding="utf-8")
+    proc = _python("-m", "gradguard", "run", "--mode", "strict", str(script), variant)
+    if variant == "detached":
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == ""
+    else:
+        assert proc.returncode == 1
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("GG302 unoptimized-parameter:"), proc.stderr
+        assert "at step 27 " in last
+        assert "params [teacher.head.weight]" in last
