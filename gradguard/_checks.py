@@ -46,7 +46,8 @@ class StepVerdict:
             since the last step.
         trainable: the optimizer holds at least one parameter that requires grad.
         fresh: trainable parameters holding backward output from since the last step.
-        with_grad: trainable parameters with a dense gradient (what the step applies).
+        with_grad: trainable parameters with a gradient, dense or sparse (what the
+            step applies).
         lost: parameters whose backward results a clear threw away before this step.
         lost_micro_batches: the most backward passes any parameter lost that way.
         micro_batches: the most backward passes any parameter saw since the last step.
@@ -101,7 +102,7 @@ def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
                 _judge_frozen(verdict, param, slot, grad)
             continue
         trainable = True
-        if grad is not None and not grad.is_sparse:
+        if grad is not None:
             with_grad(param)
         if slot.lost:
             verdict.lost.append(param)

@@ -90,14 +90,38 @@ def _norms_of(grads: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tenso
     return list(torch._foreach_norm([g.float() for g in grads]))
 
 
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse gradient (``nn.Embedding(sparse=True)``), else itself.
+
+    An uncoalesced sparse gradient may store one index several times: the norm
+    of its values bounds the true norm from above, and is non-finite exactly
+    when the gradient is.
+    """
+    if grad.layout is torch.strided:
+        return grad
+    if grad.layout is torch.sparse_coo:
+        return grad._values()
+    return grad.values()  # compressed layouts (CSR, CSC, BSR, BSC)
+
+
 def _norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[int] | None]:
     """Each tensor's 2-norm as one real vector, and the input order of its values.
 
     One batched op per dtype. The vector is float64 when any norm is (float64
     and complex128 gradients, whose norms can exceed float32's range), else
     float32. The order is ``None`` when the values are in input order (a
-    single dtype, the usual case).
+    single dtype, the usual case). Sparse gradients count by their values:
+    norm kernels refuse sparse tensors, so only then are they looked for.
     """
+    try:
+        return _dense_norms(grads)
+    except (NotImplementedError, RuntimeError):
+        if all(g.layout is torch.strided for g in grads):
+            raise
+        return _dense_norms([_values(g) for g in grads])
+
+
+def _dense_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[int] | None]:
     dtypes = set(map(_DTYPE, grads))
     if len(dtypes) == 1:
         return torch.stack(_norms_of(grads, dtypes.pop())), None

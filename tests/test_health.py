@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import structlog
 import torch
@@ -69,6 +71,70 @@ def test_inf_gradient_is_non_finite(net):
         train(net, opt, steps=1, hook=hook)
     assert codes(g) == ["GG201"]
     assert g.findings[0].params == ("encoder.0.bias",)
+
+
+class Bag(nn.Module):
+    """A sparse embedding bag and a dense head, as in a recommender or word2vec."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(50, 8, sparse=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(ids).mean(1))
+
+
+def sparse_loop(optimizers: str, *, nan_at: int | None = None) -> list[tuple[str, int, tuple]]:
+    """Train `Bag` with a sparse-capable optimizer for the embedding, findings as tuples."""
+    torch.manual_seed(0)
+    model = Bag()
+    sparse = {
+        "SparseAdam": lambda ps: torch.optim.SparseAdam(ps, lr=1e-2),
+        "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1),
+        "Adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+    }[optimizers]
+    opts = [sparse(list(model.embedding.parameters())), torch.optim.SGD(model.head.parameters())]
+    data = torch.Generator().manual_seed(0)
+    fired: list[gradguard.Finding] = []
+    guards = [gradguard.guard(o, model=model, mode="log") for o in opts]
+    for g in map(gradguard.guard_of, guards):
+        g._reporter.listeners.append(fired.append)
+    try:
+        with structlog.testing.capture_logs():
+            for i in range(6):
+                ids = torch.randint(0, 50, (16, 4), generator=data)
+                for o in opts:
+                    o.zero_grad()
+                loss = model(ids).pow(2).mean()
+                if i == nan_at:
+                    loss = loss + model.embedding(ids).sum() * math.nan
+                loss.backward()
+                for o in opts:
+                    o.step()
+    finally:
+        for o in opts:
+            gradguard.unguard(o)
+    return [(f.code, f.step, f.params) for f in fired]
+
+
+# Raised by torch's Adagrad on sparse gradients, with or without gradguard.
+SPARSE_INVARIANTS = "ignore:Sparse invariant checks are implicitly disabled:UserWarning"
+
+
+@pytest.mark.filterwarnings(SPARSE_INVARIANTS)
+@pytest.mark.parametrize("optimizer", ["SparseAdam", "SGD", "Adagrad"])
+def test_nan_in_a_sparse_gradient_is_non_finite(optimizer):
+    """``nn.Embedding(sparse=True)``: NaN in its sparse gradient is GG201, naming it."""
+    got = sparse_loop(optimizer, nan_at=2)
+    assert ("GG201", 3, ("embedding.weight",)) in got
+
+
+@pytest.mark.filterwarnings(SPARSE_INVARIANTS)
+@pytest.mark.parametrize("optimizer", ["SparseAdam", "SGD", "Adagrad"])
+def test_sparse_gradients_are_silent_when_healthy(optimizer):
+    """The correct twin: the same loop without the NaN reports nothing."""
+    assert sparse_loop(optimizer) == []
 
 
 def test_fused_optimizer_grad_scaler_skip_is_an_info_event(net):
