@@ -75,6 +75,9 @@ _LABELS: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)
 _LOCK = threading.Lock()
 # How often the model-level check for parameters no optimizer holds runs.
 _UNOPTIMIZED_EVERY = 25
+# Why the first step of an optimizer picked up at that step, with no gradient
+# at all, is GG103 although gradguard saw nothing before it.
+_UNWATCHED_FIRST_STEP = "no parameter had a gradient at the first step gradguard watched"
 # Whether a guard of this run (since the last time no guard was left) opened
 # its `Sighting`: one per run, however many optimizers are guarded.
 _SIGHTED = False
@@ -182,6 +185,8 @@ class Guard:
         self._probe_shared = True  # look for gradients in shared buffers at the next step
         self._step = 0
         self._judge_next = judge_first_step
+        self._unwatched = False  # the unwatched first step found no gradient: see _before_step
+        self._held_empty: tuple[Location, int] | None = None  # see _report_held_empty
         self._judge_after: int | None = None  # frame of a closure step judged when it returns
         self._closed = False
         self._failed = False
@@ -230,6 +235,7 @@ class Guard:
             return
         try:
             self._drain(wait=True)
+            self._report_held_empty([])
             self._report_unused(final=True)
         except _PROPAGATE:
             raise
@@ -316,7 +322,12 @@ class Guard:
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         judge, self._judge_next = self._judge_next, True
         if not judge:
-            return False
+            # The first step of an optimizer picked up at that step: the
+            # backward before it ran before any hook existed. But a step that
+            # finds no gradient at all applies nothing, whatever came before
+            # (GG103), unless it makes its own: judged when it returns.
+            self._unwatched = not any(p.grad is not None for p, _ in entries if p.requires_grad)
+            return self._unwatched
         if closure is not None:
             return True
         verdict = judge_step(entries)
@@ -363,6 +374,8 @@ class Guard:
     def _judge_lifecycle(self, verdict: StepVerdict, location: Location) -> None:
         """GG101-GG103: was this step's gradient made, kept and cleared at the right time."""
         step = self._step
+        if self._held_empty is not None:
+            self._report_held_empty(verdict.cleared)
         self._report("GG101", verdict.stale + verdict.reapplied, location, step)
         self._report("GG102", verdict.cleared, location, step)
         # Gradients changed in place since we saw them: a clip leaves them
@@ -381,8 +394,28 @@ class Guard:
             functools.partial(self._rewritten, location, frozen, only_zeros_left),
         )
         self._defer_zero(verdict.maybe_zero, None)
-        if verdict.nothing_to_apply:
+        if verdict.nothing_to_apply and self._unwatched:
+            self._held_empty = (location, step)  # told apart at the next step: see _judge
+        elif verdict.nothing_to_apply:
             self._report("GG103", [], location, step)
+        self._unwatched = False
+
+    def _report_held_empty(self, cleared: list[torch.Tensor]) -> None:
+        """The unwatched first step that found no gradient, now that the next step is known.
+
+        Nothing before that first step was seen, so its emptiness has two
+        causes: no backward before it (GG103), or a clear between backward
+        and step, the tutorial's bug, which the next step then shows as GG102
+        too: the first step is reported the same way.
+        """
+        held, self._held_empty = self._held_empty, None
+        if held is None:
+            return
+        location, step = held
+        if cleared:
+            self._report("GG102", cleared, location, step)
+        else:
+            self._report("GG103", [], location, step, _UNWATCHED_FIRST_STEP)
 
     def _stale_changed(self, location: Location, check: ZeroCheck) -> None:
         """Stale, then changed in place: zeroed by a clear we cannot see, or clipped (GG101)."""

@@ -64,7 +64,7 @@ def test_json_log_holds_one_line_per_finding_with_every_field(tmp_path: Path) ->
     assert record["code"] == "GG102"
     assert record["event"] == "cleared-before-step"
     assert record["level"] == "error"
-    assert record["step"] == 2
+    assert record["step"] == 1
     assert str(record["optimizer"]).startswith("SGD#")
     assert record["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert str(record["location"]).endswith(f"loops.py:{step_lineno()}")
@@ -73,7 +73,7 @@ def test_json_log_holds_one_line_per_finding_with_every_field(tmp_path: Path) ->
     assert record["doc"] == "docs/findings/GG102.md"
     assert str(record["timestamp"]).endswith("Z")
     assert set(summary) == {"event", "counts", "timestamp"}
-    assert (summary["event"], summary["counts"]) == ("summary", {"GG102": 3})
+    assert (summary["event"], summary["counts"]) == ("summary", {"GG102": 4})
 
 
 def test_json_log_in_a_missing_directory_is_rejected_at_the_call(tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_structlog_json_pipeline_receives_events_with_their_fields() -> None:
     assert event["event"] == "cleared-before-step"
     assert event["level"] == "error"
     assert event["code"] == "GG102"
-    assert event["step"] == 2
+    assert event["step"] == 1
     assert event["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert event["location"].endswith(f"loops.py:{step_lineno()}")
     assert event["report"].startswith("GG102")

@@ -51,11 +51,11 @@ def test_report_prints_the_same_table_as_the_exit_summary(
     at_exit = capsys.readouterr().err
     assert main(["report", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"gradguard: 3 findings in {path}\n\n")
+    assert out.startswith(f"gradguard: 4 findings in {path}\n\n")
     assert _table(out) == _table(at_exit)
     header, row, fix, *fix_continued = _table(out)
     assert re.split(r"  +", header) == HEADER
-    assert row.split()[:4] == ["GG102", "cleared-before-step", "3", "2"]
+    assert row.split()[:4] == ["GG102", "cleared-before-step", "4", "1"]
     assert row.split()[4].endswith(f"loops.py:{step_lineno()}")
     assert row.split()[5:] == ["0.weight,", "0.bias,", "2.weight,", "+1", "more"]
     assert fix.split()[:3] == ["fix:", "move", "zero_grad()"]
@@ -73,9 +73,9 @@ def test_report_merges_one_file_per_rank_from_a_quoted_glob(
     capsys.readouterr()
     assert main(["report", str(tmp_path / "run-*.jsonl")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("gradguard: 7 findings in 2 files\n")
+    assert out.startswith("gradguard: 9 findings in 2 files\n")
     (row,) = [line for line in _table(out) if line.startswith("GG")]
-    assert row.split()[:4] == ["GG102", "cleared-before-step", "7", "2"]
+    assert row.split()[:4] == ["GG102", "cleared-before-step", "9", "1"]
     assert "note:" not in out
 
 

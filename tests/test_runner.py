@@ -92,14 +92,14 @@ def test_unguarded_tutorial_gives_the_same_finding(
     assert proc.stdout == tutorial_stdout
     assert f"{UNGUARDED}:33: ClearedBeforeStepWarning: GG102 cleared-before-step" in proc.stderr
     assert "params [linear.weight, linear.bias]" in proc.stderr
-    summary = proc.stderr[proc.stderr.index("gradguard: 99 findings (mode=warn)") :]
+    summary = proc.stderr[proc.stderr.index("gradguard: 100 findings (mode=warn)") :]
     header, row, fix = summary.splitlines()[1:4]
     assert header.split("  ")[0] == "code"
     assert row.split() == [
         "GG102",
         "cleared-before-step",
-        "99",
-        "2",
+        "100",
+        "1",
         f"{UNGUARDED}:33",
         "linear.weight,",
         "linear.bias",
@@ -173,7 +173,7 @@ def test_environment_variable_sets_the_mode_and_the_flag_wins(
     assert main(["run", "train.py"]) == 1
     assert capsys.readouterr().err.splitlines()[-1].startswith("GG102 cleared-before-step")
     assert main(["run", "--mode", "log", "train.py"]) == 0
-    assert "gradguard: 2 findings (mode=log)" in capsys.readouterr().err
+    assert "gradguard: 3 findings (mode=log)" in capsys.readouterr().err
     monkeypatch.setenv("GRADGUARD", "off")
     assert main(["run", "train.py"]) == 0
     assert capsys.readouterr() == ("trained\n", "")

@@ -27,23 +27,25 @@ def test_install_reports_an_optimizer_the_code_never_guarded(
     gradguard.install(mode="log")
     train(bug=True, steps=3)
     rows = gradguard.uninstall()
-    assert [(r.code, r.count, r.first_step) for r in rows] == [("GG102", 2, 2)]
+    # The first step, unwatched before, is GG102 as well once step 2 shows the clear.
+    assert [(r.code, r.count, r.first_step) for r in rows] == [("GG102", 3, 1)]
     assert rows[0].params == ("0.weight", "0.bias", "2.weight", "2.bias")
     out, err = capsys.readouterr()
     assert out == ""
     row = next(line for line in err.splitlines() if line.startswith("GG102"))
-    assert row.split()[:4] == ["GG102", "cleared-before-step", "2", "2"]
+    assert row.split()[:4] == ["GG102", "cleared-before-step", "3", "1"]
     assert f"loops.py:{step_lineno()}" in row
 
 
 def test_strict_raises_from_the_first_judged_step() -> None:
-    """In strict mode the finding raises from optimizer.step(); the discovery step is not judged."""
+    """In strict mode the finding raises from optimizer.step(); the discovery step, which
+    found no gradient, is told apart at step 2 and raised there as the clear it was."""
     gradguard.install(mode="strict")
     with pytest.raises(gradguard.ClearedBeforeStepError) as info:
         train(bug=True)
     finding = info.value.finding
     assert finding is not None
-    assert finding.step == 2
+    assert finding.step == 1
     assert finding.location.endswith(f"loops.py:{step_lineno()}")
 
 
@@ -82,7 +84,7 @@ def test_second_install_replaces_the_first(capsys: pytest.CaptureFixture[str]) -
     gradguard.install(mode="log")
     train(bug=True)
     gradguard.install(mode="strict")
-    assert "gradguard: 2 findings (mode=log)" in capsys.readouterr().err
+    assert "gradguard: 3 findings (mode=log)" in capsys.readouterr().err
     with pytest.raises(gradguard.ClearedBeforeStepError):
         train(bug=True)
 
@@ -124,6 +126,63 @@ def test_summary_at_exit_and_warning_filter_on_the_code(
     assert proc.stdout == "trained\n"
     assert "Warning" not in proc.stderr
     title, header, row = proc.stderr.splitlines()[:3]
-    assert title == "gradguard: 2 findings (mode=warn)"
+    assert title == "gradguard: 3 findings (mode=warn)"
     assert header.startswith("code   name ")
-    assert row.split()[:4] == ["GG102", "cleared-before-step", "2", "2"]
+    assert row.split()[:4] == ["GG102", "cleared-before-step", "3", "1"]
+
+
+def _install_and_run(loop) -> list[tuple[str, int, int]]:
+    """Run ``loop`` under ``install(mode="log")``: the summary rows as (code, count, first step)."""
+    gradguard.install(mode="log")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop(model, opt, [torch.randn(8, 4) for _ in range(4)])
+    return [(r.code, r.count, r.first_step) for r in gradguard.uninstall()]
+
+
+def test_a_stray_step_before_any_backward_is_step_without_backward(capsys) -> None:
+    """install() picks the optimizer up at its first step; one that finds no gradient at
+    all applied nothing, whatever came before: GG103 at step 1, the correct loop after it silent."""
+
+    def loop(model, opt, data):
+        opt.step()  # the bug: a step before any backward
+        for x in data:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    assert _install_and_run(loop) == [("GG103", 1, 1)]
+    assert "no parameter had a gradient at the first step gradguard watched" in (
+        capsys.readouterr().err
+    )
+
+
+def test_step_before_backward_is_reported_from_the_first_step() -> None:
+    """``zero_grad(); step(); backward()``: the first step found nothing, the next ones a
+    clear between backward and step: GG102 from step 1."""
+
+    def loop(model, opt, data):
+        for x in data:
+            opt.zero_grad()
+            opt.step()
+            model(x).pow(2).mean().backward()
+
+    assert _install_and_run(loop) == [("GG102", 4, 1)]
+
+
+def test_a_lone_step_with_nothing_to_apply_is_reported_at_uninstall() -> None:
+    """A script whose only step found no gradient: GG103, reported when the guard closes."""
+    assert _install_and_run(lambda model, opt, data: opt.step()) == [("GG103", 1, 1)]
+
+
+def test_the_first_step_of_a_correct_loop_is_silent() -> None:
+    """The correct twin: the first step, unwatched before, holds backward's gradients."""
+
+    def loop(model, opt, data):
+        for x in data:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    assert _install_and_run(loop) == []
