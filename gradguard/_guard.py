@@ -33,6 +33,7 @@ from gradguard._dispatch import (
 from gradguard._exceptions import GradGuardError, GradGuardWarning
 from gradguard._findings import Finding, make_finding
 from gradguard._health import (
+    BackwardNorms,
     Cadence,
     FiniteProbe,
     ModuleNorms,
@@ -180,6 +181,7 @@ class Guard:
         self._current: Entries | None = None
         self._zero_applied: set[int] = set()  # params this step applies as all-zero
         self._finite_probe = FiniteProbe(self._hook_failed)
+        self._backward_norms = BackwardNorms(self._collect_raw, self._hook_failed)
         self._sighting: Sighting | None = None  # GG302 beyond the known models
         self._sighted_at = 0
         self._probe_shared = True  # look for gradients in shared buffers at the next step
@@ -368,7 +370,7 @@ class Guard:
         if window is not None:
             self._report(window[0], window[1], location, self._step, window[2])
         if (self.options.check_numerics or self.options.record_norms) and verdict.with_grad:
-            self._check_numerics(opt, verdict.with_grad, location)
+            self._check_numerics(opt, verdict, location)
         self._judge_models(entries, verdict, location)
 
     def _judge_lifecycle(self, verdict: StepVerdict, location: Location) -> None:
@@ -535,13 +537,22 @@ class Guard:
             self._unused.clear()
 
     def _check_numerics(
-        self, opt: torch.optim.Optimizer, params: list[torch.Tensor], location: Location
+        self, opt: torch.optim.Optimizer, verdict: StepVerdict, location: Location
     ) -> None:
         """GG201/GG202 from one batched norm per step, read back without a sync.
 
         With ``record_norms`` the same norms are recorded, so the pass runs
-        every step whatever the cadence.
+        every step whatever the cadence. A step whose gradients were rescaled
+        in place since backward (a clip) applies a bounded update: GG202 then
+        judges the norms backward left (`BackwardNorms`, armed at the first
+        such step), not the clipped ones.
         """
+        params = verdict.with_grad
+        tamed = bool(verdict.changed or verdict.stale_changed)
+        raw = self._backward_norms.take()
+        if tamed and not self._backward_norms.armed and verdict.fresh:
+            self._backward_norms.arm(verdict.fresh[0])
+        self._backward_norms.window = max(1, verdict.micro_batches)
         if not self._cadence.due(params) and not self.options.record_norms:
             return
         grads: list[torch.Tensor] = [p.grad for p in params]  # type: ignore[misc]
@@ -560,9 +571,41 @@ class Guard:
             if self.options.record_norms and not skip:
                 self._record_norms(params, norms, step)  # first: a strict finding raises
             if self.options.check_numerics:
-                self._numerics(params, norms, skip != 0, step, location)
+                self._numerics(params, norms, skip != 0, step, location, explosion=not tamed)
 
         self._defer(readback, params, resolve)
+        if tamed and raw is not None and self.options.check_numerics:
+            self._check_raw(raw, step, location)
+
+    def _check_raw(
+        self,
+        raw: tuple[Readback, list[weakref.ref[torch.Tensor]]],
+        step: int,
+        location: Location,
+    ) -> None:
+        """GG202 on the norms backward left, for a step that clipped them."""
+        readback, refs = raw
+        params = [r() for r in refs]
+        alive = [p for p in params if p is not None]
+        if len(alive) != len(params):
+            return  # a parameter went away since backward: nothing to name it by
+
+        def resolve(values: list[float], params: list[torch.Tensor | None]) -> None:
+            norms = values[:-1]  # the trailing skipped-step flag is always 0 here
+            why = self._norms.judge(math.hypot(*norms), tamed=True)
+            if why is not None:
+                top = [params[i] for i in largest_shares(norms)]
+                self._report("GG202", [p for p in top if p is not None], location, step, why)
+
+        self._defer(readback, alive, resolve)
+
+    def _collect_raw(self) -> list[torch.Tensor] | None:
+        """What `BackwardNorms` norms when a backward ends: if the next step checks, every
+        parameter with a gradient."""
+        params = [p for p, _ in self._cache if p.grad is not None]
+        if self._closed or not params:
+            return None
+        return params if self._cadence.next_due(params) or self.options.record_norms else None
 
     def _numerics(
         self,
@@ -571,6 +614,8 @@ class Guard:
         skipped: bool,
         step: int,
         location: Location,
+        *,
+        explosion: bool = True,
     ) -> None:
         if skipped:
             emit_info("skipped-step", step=step, optimizer=self.optimizer, location=str(location))
@@ -579,7 +624,7 @@ class Guard:
         if not math.isfinite(total):
             bad = [p for p, n in zip(params, norms, strict=True) if not math.isfinite(n)]
             self._report("GG201", [p for p in bad if p is not None], location, step)
-        why = self._norms.judge(total)
+        why = self._norms.judge(total) if explosion else None
         if why is not None:
             top = [params[i] for i in largest_shares(norms)]
             self._report("GG202", [p for p in top if p is not None], location, step, why)
@@ -832,6 +877,7 @@ class Guard:
         else:
             self._sweep()
         self._finite_probe.remove()
+        self._backward_norms.remove()
         self._end_sighting()
         for slot in self._slots.values():
             REGISTRY.release(slot, self._hook_failed)

@@ -13,6 +13,7 @@ import math
 import operator
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -250,52 +251,78 @@ class NormHistory:
     episodes that grow from 10 to 500 steps jumped at most 7x past its
     largest earlier norm, and rose at most 7x over a run of rising steps; a
     converged model moved to a new target (two-stage training) came back to
-    at most 5x the norms of its first stage. Steps found exploding do not
-    raise the baseline, and non-finite norms (GG201's business) never enter it.
+    at most 5x the norms of its first stage; no healthy run jumped even 3x in
+    its first steps, so judging starts at the second. Steps found exploding
+    do not raise the baseline, and non-finite norms (GG201's business) never
+    enter it.
+
+    A step whose gradients a clip rescaled applies a bounded update: its norm
+    is the one backward produced, and a jump counts only once it has lasted
+    ``tamed_for`` such steps in a row. A bad batch tamed by clipping is not an
+    explosion; a run whose raw norm stays orders of magnitude up is.
     """
 
     def __init__(
-        self, factor: float, max_norm: float | None, warmup: int = 20, streak: int = 6
+        self,
+        factor: float,
+        max_norm: float | None,
+        warmup: int = 1,
+        streak: int = 6,
+        tamed_for: int = 3,
     ) -> None:
         self.factor = factor
         self.max_norm = max_norm
         self.warmup = warmup
         self.streak = streak
+        self.tamed_for = tamed_for
         self._seen = 0
         self._peak = 0.0  # the largest total norm of any earlier step not found exploding
         self._last: float | None = None
         self._rising = 0  # steps in a row the norm rose
         self._rise_from = 0.0  # the norm the current rise started from
+        self._high = 0  # tamed steps in a row far above the peak
 
-    def judge(self, total: float) -> str | None:
-        """Record ``total``; return why it is exploding, or ``None``."""
+    def judge(self, total: float, *, tamed: bool = False) -> str | None:
+        """Record ``total``; return why it is exploding, or ``None``.
+
+        ``tamed``: the step's gradients were rescaled in place (clipped)
+        after backward, and ``total`` is the norm backward left.
+        """
         if not math.isfinite(total):
-            self._last = None  # a NaN step breaks a rise
+            # GG201's business if the step applies it; before a clip or a
+            # nan_to_num_, what backward left. Either way it breaks a rise.
+            self._last = None
             return None
         if self._last is not None and total > self._last:
             self._rising += 1
         else:
             self._rising, self._rise_from = 0, total
         self._last = total
+        judged = self._seen >= self.warmup
+        jump = judged and self._peak > 0 and total >= self.factor * self._peak
+        self._high = self._high + 1 if jump and tamed else 0
         verdict = None
-        if self.max_norm is not None and total > self.max_norm:
+        if self.max_norm is not None and total > self.max_norm and not tamed:
             verdict = f"total norm {total:.3g} > max_grad_norm {self.max_norm:g}"
-        elif self._seen >= self.warmup and self._peak > 0 and total >= self.factor * self._peak:
+        elif jump and not tamed:
             verdict = (
-                f"total norm {total:.3g} is {total / self._peak:.0f}x "
+                f"total norm {total:.3g} is {total / self._peak:.3g}x "
                 f"the largest of any earlier step, {self._peak:.3g}"
             )
-        elif (
-            self._seen >= self.warmup
-            and self._rising >= self.streak
-            and total >= self.factor * self._rise_from
-        ):
+        elif jump and self._high >= self.tamed_for:
             verdict = (
-                f"total norm {total:.3g} rose at each of the last {self._rising} steps, "
-                f"{total / self._rise_from:.0f}x in all"
+                f"total norm {total:.3g} before clipping, {total / self._peak:.3g}x "
+                f"the largest of any earlier step ({self._peak:.3g}), "
+                f"{self._high} clipped steps in a row"
+            )
+        elif judged and self._rising >= self.streak and total >= self.factor * self._rise_from:
+            clipped = " before clipping" if tamed else ""
+            verdict = (
+                f"total norm {total:.3g}{clipped} rose at each of the last "
+                f"{self._rising} steps, {total / self._rise_from:.3g}x in all"
             )
         self._seen += 1
-        if verdict is None:
+        if verdict is None and not jump:
             self._peak = max(self._peak, total)
         return verdict
 
@@ -332,6 +359,10 @@ class Cadence:
         self._count += 1
         return (self._count - 1) % self.period(params) == 0
 
+    def next_due(self, params: list[torch.Tensor]) -> bool:
+        """Whether the checks will run on the next step (without counting it)."""
+        return self._count % self.period(params) == 0
+
     def period(self, params: list[torch.Tensor]) -> int:
         """Steps between two checks for the gradients of ``params`` (on their device)."""
         if self.every is not None:
@@ -339,6 +370,86 @@ class Cadence:
         if len(params) <= self.per_step or params[0].device.type != "cpu":
             return 1
         return math.ceil(len(params) / self.per_step)
+
+
+_ENGINE: Any = torch.autograd.Variable._execution_engine
+
+
+class BackwardNorms:
+    """The gradients' norms as backward left them, before a clip rescales them (GG202).
+
+    Armed once a guard sees gradients rescaled in place between backward and
+    step: a post-accumulate hook on one parameter (the sentinel) queues a
+    callback for the end of each backward, which takes the norms of the
+    gradients in one batched pass. With several backward passes per step, only
+    from the one expected to be the last of the window (as many as the last
+    window had), so accumulation does not multiply the passes.
+    """
+
+    def __init__(
+        self,
+        collect: Callable[[], list[torch.Tensor] | None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        # ``collect`` returns the parameters whose gradients to norm, or None
+        # when no pass is due for the next step.
+        self._collect = collect
+        self._on_error = on_error
+        self._handle: RemovableHandle | None = None
+        self._queued = False
+        self.window = 1  # backward passes per step, as the last step had
+        self._passes = 0  # since the last take
+        self._taken: tuple[Readback, list[weakref.ref[torch.Tensor]]] | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._handle is not None
+
+    def arm(self, sentinel: torch.Tensor) -> None:
+        """Take the norms from the next backward into ``sentinel`` on; once."""
+        if self._handle is None and sentinel.requires_grad:
+            self._handle = sentinel.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                self._on_sentinel
+            )
+
+    def take(self) -> tuple[Readback, list[weakref.ref[torch.Tensor]]] | None:
+        """The norms the last backward since the previous take left, and their parameters."""
+        taken, self._taken = self._taken, None
+        self._passes = 0
+        return taken
+
+    def remove(self) -> None:
+        """Disarm; idempotent."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._taken = None
+
+    def _on_sentinel(self, param: torch.Tensor) -> None:
+        if self._queued:
+            return
+        try:
+            _ENGINE.queue_callback(self._ended)
+            self._queued = True
+        except Exception as exc:  # no callbacks here (a compiled backward): nothing to take
+            self.remove()
+            self._on_error(exc)
+
+    def _ended(self) -> None:
+        self._queued = False
+        self._passes += 1
+        if self._passes < self.window:
+            return
+        try:
+            params = self._collect()
+            if not params:
+                return
+            readback = grad_norms([p.grad for p in params], None, None)  # type: ignore[misc]
+            if readback is not None:
+                self._taken = (readback, [weakref.ref(p) for p in params])
+        except Exception as exc:
+            self.remove()
+            self._on_error(exc)
 
 
 class ModuleNorms:

@@ -160,8 +160,11 @@ def test_ops_per_step_do_not_grow_with_the_parameter_count(loop, mode):
     small, _, _ = extra(loop, 10, mode)
     large, _, _ = extra(loop, 200, mode)
     assert small == large
-    # The numeric checks: one batched norm pass (foreach_norm, stack, cat, ...).
-    assert 0 < small <= NORM_PASS_OPS + (ZERO_CHECK_OPS if "clipped" in loop else 0)
+    # The numeric checks: one batched norm pass (foreach_norm, stack, cat, ...). A loop
+    # that clips also gets the zero check, and a second norm pass where its backward
+    # ends, before the clip (what GG202 judges there).
+    clip_ops = NORM_PASS_OPS + ZERO_CHECK_OPS if "clipped" in loop else 0
+    assert 0 < small <= NORM_PASS_OPS + clip_ops
 
 
 NORM_PASS_OPS = 6

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ALL, ENCODER, HEAD, batches, codes, loss_of
 from torch import nn
-from twins import Wrap, assert_silent_and_identical
+from twins import Guards, Wrap, assert_silent_and_identical
 
 import gradguard
 import gradguard.testing
@@ -190,16 +190,111 @@ def test_absolute_max_grad_norm(net):
     assert g.findings[0].step == 1
 
 
-def test_large_step_during_warm_up_is_silent(net):
-    """A big but finite step inside the warm-up window is not a finding."""
+def test_a_spike_in_the_first_steps_is_exploding(net):
+    """No warm-up to hide in: a 40,000x spike at step 5 is GG202 at step 5 (no healthy
+    run measured jumped even 3x past its earlier steps in its first ones)."""
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    with gradguard.guarding(opt, model=net, mode="log") as g:
+        train(net, opt, steps=10, hook=spike(4, 40_000.0))
+    assert [(f.code, f.step) for f in g.findings] == [("GG202", 5)]
+
+
+def test_the_first_steps_of_a_correct_loop_are_silent(net):
+    """The correct twin: the same first steps without the spike."""
     opt = torch.optim.SGD(net.parameters(), lr=1e-4)
     with gradguard.guarding(opt, model=net, mode="strict") as g:
-        train(net, opt, steps=30, hook=spike(3, 100.0))
+        train(net, opt, steps=10)
     assert g.findings == []
 
 
+def clipped_lm(wrap: Wrap, *, blow_up_at: int | None = None, bad_batch_at: int | None = None):
+    """A word-level LSTM language model trained with clip_grad_norm_(0.25) and SGD at lr 20,
+    as pytorch/examples' word_language_model does, on a synthetic Markov-chain corpus."""
+    torch.manual_seed(0)
+    vocab = 40
+    chain = torch.softmax(
+        torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(1)) * 3, -1
+    )
+    tokens = [0]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2999):
+        tokens.append(int(torch.multinomial(chain[tokens[-1]], 1, generator=g)))
+    data = torch.tensor(tokens).view(10, -1).t()  # (time, batch)
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Embedding(vocab, 32)
+            self.rnn = nn.LSTM(32, 32)
+            self.decoder = nn.Linear(32, vocab)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.decoder(self.rnn(self.encoder(x))[0])
+
+    model = LM()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=20.0), model)
+    for step in range(60):
+        i = (step * 20) % (data.size(0) - 21)
+        x, y = data[i : i + 20], data[i + 1 : i + 21]
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x).view(-1, vocab), y.reshape(-1))
+        if step == bad_batch_at:
+            loss = loss * 1e6  # one corrupt batch
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        if step == blow_up_at:
+            opt.param_groups[0]["lr"] = 1e2  # the bug: a learning rate far too high
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def clipped_regression(wrap: Wrap, *, blow_up_at: int | None = None) -> list[torch.Tensor]:
+    """An MLP regression clipped at 1.0 by clip_grad_norm_, SGD with momentum."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)
+    )
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), model)
+    data = torch.Generator().manual_seed(0)
+    for step in range(50):
+        if step == blow_up_at:
+            opt.param_groups[0]["lr"] = 1e2  # the bug: a learning rate far too high
+        x = torch.randn(64, 8, generator=data)
+        opt.zero_grad()
+        F.mse_loss(model(x), x[:, :1] * 3).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_clipping_hides_no_explosion_that_lasts():
+    """Clipping bounds every update, so the clipped norm never jumps; the norm backward
+    produces does, and stays up: GG202 on it after 3 clipped steps in a row."""
+    guards = Guards("log")
+    try:
+        with structlog.testing.capture_logs():
+            clipped_regression(guards, blow_up_at=30)
+    finally:
+        guards.close()
+    (f,) = [f for f in guards.fired if f.code == "GG202"][:1]
+    assert 32 <= f.step <= 36
+    assert "before clipping" in f.message
+    assert "3 clipped steps in a row" in f.message
+
+
+def test_a_clipped_regression_is_silent():
+    """The correct twin: the same clipped loop at its learning rate, bit-identical."""
+    assert_silent_and_identical(clipped_regression)
+
+
+def test_a_bad_batch_tamed_by_clipping_is_silent():
+    """One batch whose norm jumps a million-fold, clipped: its update is bounded, not an
+    explosion; and the healthy clipped loop trains bit-identically."""
+    assert_silent_and_identical(lambda wrap: clipped_lm(wrap, bad_batch_at=30))
+
+
 def test_clipping_before_step_keeps_a_spike_silent(net):
-    """The norm judged is the clipped one the step applies."""
+    """A tamed spike in a small regression: silent."""
     opt = torch.optim.SGD(net.parameters(), lr=1e-4)
 
     def hook(i, net, opt, loss):
