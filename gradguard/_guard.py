@@ -50,6 +50,8 @@ from gradguard._ranks import Exchange
 from gradguard._ranks import compare as compare_ranks
 from gradguard._ranks import start as start_rank_check
 from gradguard._session import session_defaults
+from gradguard._sharded import is_sharded
+from gradguard._sharded import sources as sharded_sources
 from gradguard._tracker import (
     REGISTRY,
     STEPS,
@@ -175,6 +177,7 @@ class Guard:
         self._zero_applied: set[int] = set()  # params this step applies as all-zero
         self._finite_probe = FiniteProbe(self._hook_failed)
         self._probe_shared = True  # look for gradients in shared buffers at the next step
+        self._hook_fsdp = True  # look for what FSDP's autograd writes to (see `_sharded`)
         self._step = 0
         self._judge_next = judge_first_step
         self._judge_after: int | None = None  # frame of a closure step judged when it returns
@@ -671,6 +674,7 @@ class Guard:
             self._params = params
             self._cache = self._build_entries(opt)
             self._probe_shared = True
+            self._hook_fsdp = True
             self._unhooked = [(p, s) for p, s in self._cache if s.handle is None]
             self._never_used = [(p, s) for p, s in self._cache if not s.used]
         elif self._unhooked:
@@ -678,7 +682,33 @@ class Guard:
                 if param.requires_grad:
                     slot.hook_late(param)  # unfrozen since we last looked
             self._unhooked = [(p, s) for p, s in self._unhooked if s.handle is None]
+        if self._hook_fsdp:
+            self._hook_sharded(self._cache)
         return self._cache
+
+    def _hook_sharded(self, entries: Entries) -> None:
+        """Hook FSDP2's unsharded and FSDP1's flat parameters for the slots they write to.
+
+        FSDP2 creates an unsharded parameter at its first forward: until then
+        this is tried again at every step and ``zero_grad()``.
+        """
+        params = [p for p, _ in entries]
+        if not any(map(is_sharded, params)):
+            self._hook_fsdp = False
+            return
+        found = sharded_sources(self._models.models(params))
+        waiting = False
+        for param, slot in entries:
+            flat = found.flat.get(id(param))
+            if flat is not None:
+                slot.hook_sharded(flat, flat=True)
+            elif id(param) in found.unsharded:
+                unsharded = found.unsharded[id(param)]
+                if unsharded is None:
+                    waiting = True
+                else:
+                    slot.hook_sharded(unsharded, flat=False)
+        self._hook_fsdp = waiting
 
     def _build_entries(self, opt: torch.optim.Optimizer) -> Entries:
         out: Entries = []
