@@ -178,6 +178,7 @@ class Guard:
         self._finite_probe = FiniteProbe(self._hook_failed)
         self._probe_shared = True  # look for gradients in shared buffers at the next step
         self._hook_fsdp = True  # look for what FSDP's autograd writes to (see `_sharded`)
+        self._sharded: bool | None = None  # whether FSDP shards the parameters (GG401)
         self._step = 0
         self._judge_next = judge_first_step
         self._judge_after: int | None = None  # frame of a closure step judged when it returns
@@ -420,8 +421,24 @@ class Guard:
             self._report("GG102", check.zero, location, check.step)
 
     def _check_ranks(self, entries: Entries) -> None:
-        """GG401: compare what this step applies with the other ranks, one small collective."""
+        """GG401: compare what this step applies with the other ranks, one small collective.
+
+        Not for FSDP: its ranks hold different shards by design. Every rank
+        decides that alike, from its parameters, so none waits for the others.
+        """
         params = [p for p, _ in entries]
+        if self._sharded is None:
+            self._sharded = any(map(is_sharded, params))
+            if self._sharded:
+                _log().warning(
+                    "rank-check-skipped",
+                    optimizer=self.optimizer,
+                    note="check_ranks_every compares data-parallel replicas; FSDP shards "
+                    "these parameters, so every rank holds different values: GG401 is off "
+                    "for this optimizer",
+                )
+        if self._sharded:
+            return
         exchange = start_rank_check([p.grad for p in params], self._step)
         if exchange is None:
             return
@@ -675,6 +692,7 @@ class Guard:
             self._cache = self._build_entries(opt)
             self._probe_shared = True
             self._hook_fsdp = True
+            self._sharded = None
             self._unhooked = [(p, s) for p, s in self._cache if s.handle is None]
             self._never_used = [(p, s) for p, s in self._cache if not s.used]
         elif self._unhooked:
@@ -1004,7 +1022,7 @@ def guard(
             compare a fingerprint of the gradients about to be applied across
             ranks, with one small collective, and report ranks that disagree
             (GG401). Off by default; for data-parallel replicas (DDP), not
-            sharded training.
+            sharded training (FSDP), where it is skipped with a log line.
 
     Raises:
         TypeError: ``optimizer`` is not an optimizer (a model, ``None``, ...),
