@@ -14,7 +14,10 @@ import dataclasses
 
 import torch
 
+from gradguard._sharded import version_of
 from gradguard._tracker import Slot
+
+_TENSOR = torch.Tensor
 
 
 @dataclasses.dataclass
@@ -118,7 +121,8 @@ def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
                 and not slot.stale
                 and ref is not None
                 and ref() is grad
-                and grad._version == slot.version
+                # version_of, inline: this runs per parameter at every step.
+                and (grad._version if type(grad) is _TENSOR else version_of(grad)) == slot.version
             ):
                 any_fresh = True
                 fresh_ones(param)
@@ -186,7 +190,7 @@ def _judge_unchanged(
         # Assigned by hand (torch.func, per-sample gradients, master weights):
         # a gradient produced since the last step, not one we can call stale.
         verdict.assigned.append(param)
-    elif grad._version == slot.version:
+    elif version_of(grad) == slot.version:
         if slot.applied:
             verdict.reapplied.append(param)
     elif grad.is_sparse:

@@ -51,6 +51,8 @@ from gradguard._ranks import Exchange
 from gradguard._ranks import compare as compare_ranks
 from gradguard._ranks import start as start_rank_check
 from gradguard._session import session_defaults
+from gradguard._sharded import is_sharded
+from gradguard._sharded import sources as sharded_sources
 from gradguard._tracker import (
     REGISTRY,
     STEPS,
@@ -185,6 +187,8 @@ class Guard:
         self._sighting: Sighting | None = None  # GG302 beyond the known models
         self._sighted_at = 0
         self._probe_shared = True  # look for gradients in shared buffers at the next step
+        self._hook_fsdp = True  # look for what FSDP's autograd writes to (see `_sharded`)
+        self._sharded: bool | None = None  # whether FSDP shards the parameters (GG401)
         self._step = 0
         self._judge_next = judge_first_step
         self._unwatched = False  # the unwatched first step found no gradient: see _before_step
@@ -457,8 +461,24 @@ class Guard:
             self._report("GG102", check.zero, location, check.step)
 
     def _check_ranks(self, entries: Entries) -> None:
-        """GG401: compare what this step applies with the other ranks, one small collective."""
+        """GG401: compare what this step applies with the other ranks, one small collective.
+
+        Not for FSDP: its ranks hold different shards by design. Every rank
+        decides that alike, from its parameters, so none waits for the others.
+        """
         params = [p for p, _ in entries]
+        if self._sharded is None:
+            self._sharded = any(map(is_sharded, params))
+            if self._sharded:
+                _log().warning(
+                    "rank-check-skipped",
+                    optimizer=self.optimizer,
+                    note="check_ranks_every compares data-parallel replicas; FSDP shards "
+                    "these parameters, so every rank holds different values: GG401 is off "
+                    "for this optimizer",
+                )
+        if self._sharded:
+            return
         exchange = start_rank_check([p.grad for p in params], self._step)
         if exchange is None:
             return
@@ -783,6 +803,8 @@ class Guard:
             self._params = params
             self._cache = self._build_entries(opt)
             self._probe_shared = True
+            self._hook_fsdp = True
+            self._sharded = None
             self._unhooked = [(p, s) for p, s in self._cache if s.handle is None]
             self._never_used = [(p, s) for p, s in self._cache if not s.used]
         elif self._unhooked:
@@ -790,7 +812,33 @@ class Guard:
                 if param.requires_grad:
                     slot.hook_late(param)  # unfrozen since we last looked
             self._unhooked = [(p, s) for p, s in self._unhooked if s.handle is None]
+        if self._hook_fsdp:
+            self._hook_sharded(self._cache)
         return self._cache
+
+    def _hook_sharded(self, entries: Entries) -> None:
+        """Hook FSDP2's unsharded and FSDP1's flat parameters for the slots they write to.
+
+        FSDP2 creates an unsharded parameter at its first forward: until then
+        this is tried again at every step and ``zero_grad()``.
+        """
+        params = [p for p, _ in entries]
+        if not any(map(is_sharded, params)):
+            self._hook_fsdp = False
+            return
+        found = sharded_sources(self._models.models(params))
+        waiting = False
+        for param, slot in entries:
+            flat = found.flat.get(id(param))
+            if flat is not None:
+                slot.hook_sharded(flat, flat=True)
+            elif id(param) in found.unsharded:
+                unsharded = found.unsharded[id(param)]
+                if unsharded is None:
+                    waiting = True
+                else:
+                    slot.hook_sharded(unsharded, flat=False)
+        self._hook_fsdp = waiting
 
     def _build_entries(self, opt: torch.optim.Optimizer) -> Entries:
         out: Entries = []
@@ -1091,7 +1139,7 @@ def guard(
             compare a fingerprint of the gradients about to be applied across
             ranks, with one small collective, and report ranks that disagree
             (GG401). Off by default; for data-parallel replicas (DDP), not
-            sharded training.
+            sharded training (FSDP), where it is skipped with a log line.
 
     Raises:
         TypeError: ``optimizer`` is not an optimizer (a model, ``None``, ...),

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gradguard._sharded import local
+
 
 class Readback:
     """Values computed on some device, readable later without a sync.
@@ -111,9 +113,13 @@ def _norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[int] | None]:
     One batched op per dtype. The vector is float64 when any norm is (float64
     and complex128 gradients, whose norms can exceed float32's range), else
     float32. The order is ``None`` when the values are in input order (a
-    single dtype, the usual case). Sparse gradients count by their values:
-    norm kernels refuse sparse tensors, so only then are they looked for.
+    single dtype, the usual case). A DTensor (FSDP2) is normed on this rank's
+    shard: no collective, and a host-readable result. Sparse gradients count
+    by their values: norm kernels refuse sparse tensors, so only then are they
+    looked for.
     """
+    if set(map(type, grads)) != {torch.Tensor}:
+        grads = [local(g) for g in grads]
     try:
         return _dense_norms(grads)
     except (NotImplementedError, RuntimeError):
@@ -207,7 +213,7 @@ class FiniteProbe:
             grad = param.grad
             if grad is not None and not grad.is_sparse:
                 with torch.no_grad():
-                    self._finite = torch.isfinite(grad).all()
+                    self._finite = torch.isfinite(local(grad)).all()
         except Exception as exc:
             self.remove()
             self._on_error(exc)

@@ -132,7 +132,8 @@ def _strip_wrappers(name: str) -> str:
     for prefix in ("module.", "_orig_mod."):
         while name.startswith(prefix):
             name = name[len(prefix) :]
-    return name
+    # FSDP1 wraps at every level it shards (its state_dict drops these too).
+    return name.replace("_fsdp_wrapped_module.", "")
 
 
 def find_owner_modules(params: Iterable[torch.Tensor]) -> list[nn.Module]:

@@ -21,6 +21,12 @@ the version arithmetic that tells "accumulated onto" from "changed in place"
 is done once per buffer instead of per gradient (`_Backward.shared`). Such
 slots are found at the first step (`learn_shared`), or by the first write
 whose version jumped (`Slot.shared`).
+
+Fully sharded training (`_sharded`) goes through the same paths: FSDP2's
+DTensor gradients are read through their local shard and both version
+counters, and the hooks of what autograd really writes to (FSDP2's unsharded
+parameters, FSDP1's flat parameters) feed the slots of the parameters the
+optimizer holds (`Slot.hook_sharded`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
+
+from gradguard._sharded import is_dtensor, local, version_of
+
+_TENSOR = torch.Tensor
 
 ErrorHandler = Callable[[BaseException], None]
 
@@ -165,7 +175,7 @@ class Slot:
 
     Attributes:
         ref: weak reference to the gradient object last seen, or ``None``.
-        version: that object's ``_version`` when last seen.
+        version: that object's version counter (`version_of`) when last seen.
         fresh: backward accumulations since the last step or clear.
         stale: the gradient holds a contribution a step already applied.
         applied: the last thing that happened was a step applying ``ref``.
@@ -177,20 +187,28 @@ class Slot:
         shared: its gradients live in a buffer shared with other gradients
             (views, or slices of one ``torch.cat`` of parameters), whose
             writes all move one version counter.
+        pending: FSDP2 backward passes into the unsharded gradient that no
+            reduce-scatter has written into ``.grad`` yet (unsynced micro-batches).
+        address: FSDP1: where the gradient a backward left starts in memory,
+            ``None`` for other slots. FSDP1 replaces ``.grad`` after every
+            forward by a new view of the same memory and version counter.
     """
 
     __slots__ = (
         "__weakref__",
+        "address",
         "applied",
         "discarded",
         "finalizer",
         "fresh",
         "handle",
+        "inner",
         "key",
         "lost",
         "on_error",
         "param_ref",
         "param_version",
+        "pending",
         "ref",
         "shared",
         "stale",
@@ -206,6 +224,10 @@ class Slot:
         # of them, since each would go on judging the same broken state.
         self.on_error: list[ErrorHandler] = []
         self.handle: RemovableHandle | None = None
+        # The hook on what autograd writes for this parameter under FSDP.
+        self.inner: RemovableHandle | None = None
+        self.pending = 0
+        self.address: int | None = None
         self.finalizer: weakref.finalize[Any, Any] | None = None
         self.users = 0
         self.stale = False
@@ -223,7 +245,7 @@ class Slot:
         self.fresh = 0
         if grad is not None:
             self.ref = weakref.ref(grad)
-            self.version = grad._version
+            self.version = version_of(grad)
             self.fresh = 1
 
     def hook(self, param: torch.Tensor) -> None:
@@ -247,10 +269,13 @@ class Slot:
         self.hook(param)
 
     def unhook(self) -> None:
-        """Remove the hook; idempotent."""
+        """Remove the hooks; idempotent."""
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+        if self.inner is not None:
+            self.inner.remove()
+            self.inner = None
 
     def on_accumulate(self, param: torch.Tensor) -> None:
         """Post-accumulate hook: backward just wrote into ``param.grad``.
@@ -284,8 +309,9 @@ class Slot:
             self.ref = None
             self.used = True
             return
-        # Only DDP (or another hook sharing a buffer) changes a gradient
-        # before the pass ends; a single process without views skips that.
+        # Only DDP, FSDP (or another hook sharing a buffer) changes a
+        # gradient before the pass ends; a single process without views
+        # skips that. (No DTensor gradient exists without a process group.)
         # Compiled autograd traces this hook: the other path breaks the graph
         # there, so what follows runs on the real gradient, not a fake one.
         if self.shared or REGISTRY.distributed or _compiling():
@@ -319,13 +345,16 @@ class Slot:
         self.applied = False
         self.discarded = 0
 
-    def _restart(self, param: torch.Tensor, grad: torch.Tensor) -> None:
-        """A new object, or one changed in place since we saw it: its history ends here."""
+    def _restart(self, param: torch.Tensor, grad: torch.Tensor, count: int = 1) -> None:
+        """A new object, or one changed in place since we saw it: its history ends here.
+
+        ``count``: the backward passes in it (FSDP2's unsynced micro-batches).
+        """
         if self.fresh:
             self._end_fresh(param, grad)
         self.ref = weakref.ref(grad)
         self.stale = False
-        self.fresh = 1
+        self.fresh = count
 
     def _end_fresh(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """Backward output not applied yet is replaced by ``grad``."""
@@ -334,19 +363,23 @@ class Slot:
 
     def _accumulated_shared(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """`_accumulated` under torch.distributed or for a gradient in a shared buffer."""
-        version = grad._version
+        version = version_of(grad)
         ref = self.ref
         same = ref is not None and ref() is grad
         if same and version == self.version and self.applied:
             return  # recorded already, by `catch_up` at a step inside this backward
         view = in_shared_buffer(grad)  # the flag says it once was; this object may not be
+        # FSDP2 writes a window's unsynced micro-batches into .grad at once.
+        count, self.pending = self.pending or 1, 0
         backward = _current_backward()
         backward.slots.append(self)
         if same and version == self.version + 1:
             onto_last = True
             if view:
                 backward.shared.setdefault(_buffer_key(grad, self.version), True)
-        elif not view:
+        elif not view or (not same and is_dtensor(grad)):
+            # FSDP2 makes a new DTensor only where .grad was None: never a
+            # rebuilt view of what it held.
             onto_last = False
         elif not self.applied:
             # A view into a buffer others write to (a DDP bucket), inside a
@@ -364,13 +397,82 @@ class Slot:
                 self.stale = True
             if not same:
                 self.ref = weakref.ref(grad)
-            self.fresh += 1
+            self.fresh += count
         else:
-            self._restart(param, grad)
+            self._restart(param, grad, count)
         self.used = True
         self.version = version
         self.applied = False
         self.discarded = 0
+
+    def hook_sharded(self, source: torch.Tensor, *, flat: bool) -> None:
+        """Hook what autograd writes to for this parameter under FSDP (see `_sharded`).
+
+        ``source`` is FSDP2's unsharded parameter, or (``flat``) FSDP1's flat
+        parameter holding this one.
+        """
+        if self.inner is None and source.requires_grad:
+            if flat:
+                # An FSDP1 slot: where the gradient it holds lives, if any.
+                param = self.param_ref()
+                grad = None if param is None else param.grad
+                self.address = -1 if grad is None else grad.data_ptr()
+            callback = self.on_flat if flat else self.on_unsharded
+            self.inner = source.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                callback
+            )
+
+    def on_unsharded(self, _unsharded: torch.Tensor) -> None:
+        """FSDP2's unsharded parameter took a backward: one more micro-batch for ``.grad``."""
+        self.pending += 1
+
+    def on_flat(self, _flat: torch.Tensor) -> None:
+        """FSDP1's flat parameter took a backward pass for this original parameter.
+
+        ``.grad`` still holds what the last backward or step left: FSDP1 adds
+        to it, or starts anew where it was cleared, and points ``.grad`` at
+        the result when the pass ends, where `resync` reads it.
+        """
+        try:
+            param = self.param_ref()
+            if param is None or not param.requires_grad:
+                return
+            self.used = True
+            if param.numel() == 0:
+                return  # none of it is on this rank: it gets no gradient here
+            _current_backward().slots.append(self)
+            grad = param.grad
+            if grad is not None and self._continued(grad):
+                if self.applied:
+                    self.stale = True
+                self.fresh += 1
+            else:
+                if self.fresh:
+                    if grad is None:
+                        self._discard(param)  # set to None by hand inside a window
+                    else:
+                        self._end_fresh(param, grad)
+                self.stale = False
+                self.fresh = 1
+            self.applied = False
+            self.discarded = 0
+        except Exception as exc:
+            self.failed(exc)
+
+    def _continued(self, grad: torch.Tensor) -> bool:
+        """Whether FSDP1 is adding to the gradient last seen (the running backward wrote it).
+
+        The gradient last seen, or FSDP1's new view of its memory, untouched
+        since; inside a ``no_sync()`` window, maybe added to once already (the
+        view is of the unsharded gradient, which autograd just accumulated into).
+        """
+        ref = self.ref
+        if ref is None:
+            return False
+        if ref() is not grad and grad.data_ptr() != self.address:
+            return False
+        version = version_of(grad)
+        return version == self.version or (version == self.version + 1 and not self.applied)
 
     def resync(self) -> None:
         """The backward that wrote this gradient ended: remember what it left in ``.grad``."""
@@ -379,6 +481,8 @@ class Slot:
             grad = None if param is None else param.grad
             if grad is not None:
                 self.see(grad)
+                if self.address is not None:
+                    self.address = grad.data_ptr()
         except Exception as exc:
             self.failed(exc)
 
@@ -412,11 +516,11 @@ class Slot:
             return
         if self.ref is None or self.ref() is not grad:
             self.ref = weakref.ref(grad)
-        self.version = grad._version
+        self.version = version_of(grad)
 
     def holds(self, grad: torch.Tensor) -> bool:
         """Whether ``grad`` is exactly the object and version last seen."""
-        return self.ref is not None and self.ref() is grad and grad._version == self.version
+        return self.ref is not None and self.ref() is grad and version_of(grad) == self.version
 
 
 def catch_up(entries: list[tuple[torch.Tensor, Slot]]) -> None:
@@ -468,7 +572,9 @@ def mark_applied(entries: list[tuple[torch.Tensor, Slot]]) -> None:
         else:
             ref = slot.ref
             same = ref is not None and ref() is grad
-            if same and (grad._version == slot.version or grad.is_sparse):
+            # version_of, inline: this runs per parameter at every step.
+            version = grad._version if type(grad) is _TENSOR else version_of(grad)
+            if same and (version == slot.version or grad.is_sparse):
                 # Backward output (fresh, or re-applied) is content; zeros a
                 # clear left are not.
                 slot.applied = slot.fresh > 0 or slot.applied
@@ -479,7 +585,7 @@ def mark_applied(entries: list[tuple[torch.Tensor, Slot]]) -> None:
                 slot.applied = slot.used = True
                 if not same:
                     slot.ref = weakref.ref(grad)
-            slot.version = grad._version
+            slot.version = version
         slot.fresh = 0
         slot.stale = False
         slot.discarded = 0
@@ -489,7 +595,7 @@ def mark_applied(entries: list[tuple[torch.Tensor, Slot]]) -> None:
 
 def _buffer_key(grad: torch.Tensor, version: int) -> tuple[int, int]:
     """The buffer a shared gradient lives in (its storage's address) and a version of it."""
-    return (grad.untyped_storage().data_ptr(), version)
+    return (local(grad).untyped_storage().data_ptr(), version)
 
 
 def in_shared_buffer(grad: torch.Tensor) -> bool:
@@ -498,10 +604,13 @@ def in_shared_buffer(grad: torch.Tensor) -> bool:
     DDP's bucket views are, and so are the slices AccumulateGrad keeps from
     the backward of a ``torch.cat`` or ``torch.stack`` of parameters (not
     views, but sharing the buffer and its counter). A view of a buffer of its
-    own size (a transposed matrix from ``torch.autograd.grad``) is not.
+    own size (a transposed matrix from ``torch.autograd.grad``) is not. A
+    DTensor is judged by its local shard: FSDP2's shards of one parameter
+    group are views into one reduce-scatter output.
     """
-    if type(grad) is not torch.Tensor or grad.layout is not torch.strided:
-        return False  # sparse, or a subclass (DTensor) with storage of its own kind
+    grad = local(grad)
+    if type(grad) is not _TENSOR or grad.layout is not torch.strided:
+        return False  # sparse, or a subclass with storage of its own kind
     return bool(grad.untyped_storage().nbytes() > grad.numel() * grad.element_size())
 
 

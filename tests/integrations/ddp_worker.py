@@ -10,45 +10,31 @@ processes keeps the cost of starting torch twice per session, not per test.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import socket
-import sys
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+import two_ranks
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
+from two_ranks import (
+    ACCUM,
+    STEPS,
+    Net,
+    Result,
+    Scenarios,
+    findings,
+    guarded,
+    loss_of,
+    run_scenarios,
+    spawn,
+)
 
 import gradguard
 
-STEPS = 6
-ACCUM = 3
-Result = dict[str, Any]
-SCENARIOS: dict[str, Callable[[int], Result]] = {}
-
-
-def scenario(fn: Callable[[int], Result]) -> Callable[[int], Result]:
-    """Register ``fn(rank)`` under its name."""
-    SCENARIOS[fn.__name__] = fn
-    return fn
-
-
-class Net(nn.Module):
-    """Two layers, so a finding can name a subset of parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(4, 8)
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.encoder(x)))
+SCENARIOS = Scenarios()
+scenario = SCENARIOS.add
 
 
 def model(bucket_view: bool = False) -> DDP:
@@ -57,64 +43,9 @@ def model(bucket_view: bool = False) -> DDP:
     return DDP(Net(), gradient_as_bucket_view=bucket_view)
 
 
-def batch(rank: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Different data on each rank and micro-batch, as a sampler would give."""
-    g = torch.Generator().manual_seed(1000 * rank + i)
-    return torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
-
-
-def loss_of(ddp: nn.Module, rank: int, i: int) -> torch.Tensor:
-    """Mean squared error on this rank's ``i``-th micro-batch."""
-    x, y = batch(rank, i)
-    return nn.functional.mse_loss(ddp(x), y)
-
-
-def findings(g: gradguard.Guard) -> Result:
-    """What a guard found, as JSON."""
-    return {
-        "findings": [
-            {"code": f.code, "step": f.step, "params": list(f.params), "message": f.message}
-            for f in g.findings
-        ]
-    }
-
-
-@contextlib.contextmanager
-def guarded(opt: torch.optim.Optimizer, ddp: nn.Module, **kw: Any) -> Iterator[gradguard.Guard]:
-    """A log-mode guard for one scenario."""
-    with gradguard.guarding(opt, model=ddp, mode=kw.pop("mode", "log"), **kw) as g:
-        yield g
-
-
-def plain_loop(
-    rank: int,
-    *,
-    bucket_view: bool,
-    set_to_none: bool = True,
-    skip_zero_on: int | None = None,
-    clear_after_backward_on: int | None = None,
-    clear_model: bool = False,
-    clear_by_hand: bool = False,
-) -> Result:
-    """One micro-batch per step; optional bugs injected on one rank only."""
-    ddp = model(bucket_view)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-    with guarded(opt, ddp) as g:
-        for i in range(STEPS):
-            if rank != skip_zero_on:
-                if clear_by_hand:
-                    for p in ddp.parameters():
-                        if p.grad is not None:
-                            p.grad.zero_()  # no wrapper sees this clear
-                elif clear_model:
-                    ddp.zero_grad(set_to_none=set_to_none)
-                else:
-                    opt.zero_grad(set_to_none=set_to_none)
-            loss_of(ddp, rank, i).backward()
-            if rank == clear_after_backward_on:
-                opt.zero_grad()
-            opt.step()
-    return findings(g)
+def plain_loop(rank: int, *, bucket_view: bool, **kw: Any) -> Result:
+    """One micro-batch per step on DDP (`two_ranks.plain_loop`); bugs on one rank only."""
+    return two_ranks.plain_loop(rank, model(bucket_view), **kw)
 
 
 for _bv in (False, True):
@@ -334,34 +265,8 @@ def events_carry_rank(rank: int) -> Result:
 
 def run(rank: int, world: int, port: int, outdir: str, only: list[str]) -> None:
     """One rank: every scenario in order, on one process group."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    results: dict[str, Result] = {}
-    try:
-        for name, fn in SCENARIOS.items():
-            if only and name not in only:
-                continue
-            try:
-                results[name] = fn(rank)
-            except Exception as exc:  # recorded, so the test names the scenario
-                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            dist.barrier()
-    finally:
-        with open(os.path.join(outdir, f"rank-{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        dist.destroy_process_group()
-
-
-def main() -> None:
-    """Spawn two ranks on a free loopback port."""
-    outdir, only = sys.argv[1], sys.argv[2:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.set_num_threads(1)
-    mp.spawn(run, args=(2, port, outdir, only), nprocs=2)
+    run_scenarios(SCENARIOS, rank, world, port, outdir, only)
 
 
 if __name__ == "__main__":
-    main()
+    spawn(run)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -32,3 +37,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_worker(worker: Path, out: Path) -> list[dict[str, Any]]:
+    """Run a two-rank worker script (``ddp_worker.py``): per rank, per scenario, its result.
+
+    Fails naming the scenarios that raised, so one broken scenario does not
+    hide behind the others' results.
+    """
+    root = worker.resolve().parents[2]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    env.pop("GRADGUARD", None)
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for rank, result in enumerate(results):
+        errors = {k: v["error"] for k, v in result.items() if "error" in v}
+        assert not errors, f"rank {rank}: {errors}"
+    return results
+
+
+def codes(result: dict[str, Any]) -> list[str]:
+    """The finding codes of one scenario on one rank."""
+    return [f["code"] for f in result["findings"]]
+
+
+def torchrun(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m torch.distributed.run --nproc-per-node=2 ARGS`` on a free loopback port."""
+    require("torch.distributed.run")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        *args,
+    ]
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=cwd)

@@ -6,17 +6,13 @@ Also GG401 rank-divergence on the no_sync bugs users shipped, and its silent twi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import free_port, require
+from support import codes, require, run_worker, torchrun
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 ALL = ["encoder.weight", "encoder.bias", "head.weight", "head.bias"]
 KINDS = ["copy", "bucket_view"]
 
@@ -25,28 +21,7 @@ KINDS = ["copy", "bucket_view"]
 def ddp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Every scenario of ``ddp_worker.py``, run once on 2 ranks: per rank, per scenario."""
     require("torch.distributed")
-    out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.pop("GRADGUARD", None)
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    for rank, result in enumerate(results):
-        errors = {k: v["error"] for k, v in result.items() if "error" in v}
-        assert not errors, f"rank {rank}: {errors}"
-    return results
-
-
-def codes(result: dict[str, Any]) -> list[str]:
-    """The finding codes of one scenario on one rank."""
-    return [f["code"] for f in result["findings"]]
+    return run_worker(HERE / "ddp_worker.py", tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -138,7 +113,7 @@ def test_log_events_carry_rank_and_world_size(ddp):
 def test_messages_name_the_workers_line(ddp):
     """A finding's location is the worker's own step line, not torch's DDP code."""
     (finding,) = ddp[1]["missing_zero_grad_on_rank1_copy"]["findings"]
-    assert "ddp_worker.py:" in finding["message"]
+    assert "two_ranks.py:" in finding["message"]  # the shared loop's step line
 
 
 # -- GG401 rank-divergence ------------------------------------------------------
@@ -201,26 +176,12 @@ def test_runner_under_torchrun_writes_one_log_per_rank_and_only_the_buggy_rank_r
     tmp_path, subprocess_env
 ):
     """torchrun -m gradguard run --log-json run-{rank}.jsonl: rank 1's bug is in run-1 only."""
-    require("torch.distributed.run")
     script = tmp_path / "train.py"
     script.write_text(TORCHRUN_SCRIPT)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        "-m",
-        "gradguard",
-        "run",
-        "--mode=log",
-        f"--log-json={tmp_path / 'run-{rank}.jsonl'}",
-        str(script),
-    ]
-    env = {**subprocess_env, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    log = f"--log-json={tmp_path / 'run-{rank}.jsonl'}"
+    proc = torchrun(
+        "-m", "gradguard", "run", "--mode=log", log, str(script), env=subprocess_env, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # Both ranks share the launcher's stdout, so their lines may interleave.
     assert "rank 0 done" in proc.stdout
