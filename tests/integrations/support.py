@@ -39,6 +39,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# gloo sometimes aborts a rank while the process group is torn down at exit,
+# with or without gradguard (measured about 1 run in 12 of a plain torchrun).
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run_worker(worker: Path, out: Path) -> list[dict[str, Any]]:
     """Run a two-rank worker script (``ddp_worker.py``): per rank, per scenario, its result.
 
@@ -49,13 +54,16 @@ def run_worker(worker: Path, out: Path) -> list[dict[str, Any]]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     env.pop("GRADGUARD", None)
-    proc = subprocess.run(
-        [sys.executable, str(worker), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    for _attempt in range(2):  # once more after gloo's teardown abort, as in `torchrun`
+        proc = subprocess.run(
+            [sys.executable, str(worker), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if proc.returncode == 0 or GLOO_TEARDOWN_ABORT not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
     for rank, result in enumerate(results):
@@ -70,17 +78,25 @@ def codes(result: dict[str, Any]) -> list[str]:
 
 
 def torchrun(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m torch.distributed.run --nproc-per-node=2 ARGS`` on a free loopback port."""
+    """``python -m torch.distributed.run --nproc-per-node=2 ARGS`` on a free loopback port.
+
+    Run again, once, if a rank died in gloo's teardown abort: that is torch's
+    flakiness, not the outcome under test.
+    """
     require("torch.distributed.run")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        *args,
-    ]
     env = {**env, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=cwd)
+    for attempt in range(2):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            *args,
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=cwd)
+        if GLOO_TEARDOWN_ABORT not in proc.stderr or attempt:
+            return proc
+    return proc
