@@ -185,7 +185,6 @@ class Guard:
         self._finite_probe = FiniteProbe(self._hook_failed)
         self._backward_norms = BackwardNorms(self._collect_raw, self._hook_failed)
         self._sighting: Sighting | None = None  # GG302 beyond the known models
-        self._sighted_at = 0
         self._probe_shared = True  # look for gradients in shared buffers at the next step
         self._hook_fsdp = True  # look for what FSDP's autograd writes to (see `_sharded`)
         self._sharded: bool | None = None  # whether FSDP shards the parameters (GG401)
@@ -513,10 +512,6 @@ class Guard:
             held = set(REGISTRY.watched())
             self._report("GG302", self._models.unoptimized(held), location, self._step)
             self._sight(held, location)
-        elif self._sighting is not None and self._step == self._sighted_at + 1:
-            self._sighting.look(self._models.models([]), set(REGISTRY.watched()))
-            if not self._sighting.candidates:
-                self._end_sighting()
 
     def _sight(self, held: set[int], location: Location) -> None:
         """GG302 for modules gradguard was not told about: open a `Sighting`, or judge it."""
@@ -525,7 +520,10 @@ class Guard:
         if sighting is None:
             if not _SIGHTED:
                 _SIGHTED = True
-                self._sighting, self._sighted_at = Sighting(), self._step
+                self._sighting = Sighting()
+                self._sighting.look(self._models.models([]), held)
+                if not self._sighting.candidates:
+                    self._end_sighting()
             return
         found = sighting.confirm(held)
         self._end_sighting()
@@ -929,9 +927,9 @@ class Guard:
         self._end_sighting()
         for slot in self._slots.values():
             REGISTRY.release(slot, self._hook_failed)
-        if len(REGISTRY) == 0:
+        if len(REGISTRY) == 0:  # the run is over: the next one looks again
             global _SIGHTED
-            _SIGHTED = False  # the run is over: the next one looks again
+            _SIGHTED = False
         self._slots.clear()
         self._cache, self._unhooked, self._never_used, self._params = [], [], [], []
         self._pending.clear()

@@ -7,17 +7,14 @@ runner gets the same checks without being told about the model.
 from __future__ import annotations
 
 import gc
-import sys
-import types
 import weakref
 
 import torch
 from torch import nn
-from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from gradguard._naming import find_owner_modules
+from gradguard._naming import REGISTRATIONS, find_owner_modules, named_modules_in_main
 
 
 class ModelWatch:
@@ -106,11 +103,10 @@ class Sighting:
 
     GG302 looks at the models gradguard knows; a teacher or EMA copy left
     trainable, or a teacher's head applied as a raw weight, lives elsewhere.
-    A sighting looks for them at a bounded cost, once per process:
+    A sighting looks for them at a bounded cost, once per run:
 
-    * for one training iteration, torch's global module forward pre-hook
-      notes every module that runs (unless torch.compile compiled something:
-      a compiled module warns at every call while a global hook exists);
+    * while a session is on, every top-level module built since it started
+      (`REGISTRATIONS`), by its class name;
     * the script's globals (``__main__``), and the attributes of objects held
       there (a trainer's ``teacher_model``), give modules by name;
     * from then on until the sighting closes, torch's global optimizer step
@@ -123,31 +119,18 @@ class Sighting:
     """
 
     def __init__(self) -> None:
-        self.modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self.candidates: list[tuple[weakref.ref[torch.Tensor], str]] = []
-        # A module compiled by torch.compile warns at every call while any
-        # global module hook exists: once something was compiled, only the
-        # script's globals are looked at.
-        self._forward: RemovableHandle | None = (
-            None if _compiled() else register_module_forward_pre_hook(self._ran)
-        )
         self._step: RemovableHandle | None = register_optimizer_step_pre_hook(self._stepped)
-
-    def _ran(self, module: nn.Module, args: object) -> None:
-        self.modules.add(module)
 
     def _stepped(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         self.optimizers.add(optimizer)
 
     def look(self, known: list[nn.Module], held: set[int]) -> None:
-        """End the iteration of forward passes; note the candidates it shows."""
-        if self._forward is not None:
-            self._forward.remove()
-            self._forward = None
+        """Note the candidates: what got a gradient outside ``known`` and ``held``."""
         inside = {id(p) for m in known for p in m.parameters()}
         seen: set[int] = set()
-        for name, root in _roots(list(self.modules)):
+        for name, root in _roots(REGISTRATIONS.top_level()):
             for path, p in root.named_parameters():
                 key = id(p)
                 if key in seen or key in inside or key in held:
@@ -172,45 +155,20 @@ class Sighting:
         return out
 
     def close(self) -> None:
-        """Remove both global hooks; idempotent."""
-        for handle in (self._forward, self._step):
-            if handle is not None:
-                handle.remove()
-        self._forward = self._step = None
+        """Remove the hook; idempotent."""
+        if self._step is not None:
+            self._step.remove()
+            self._step = None
         self.candidates = []
 
 
-def _compiled() -> bool:
-    """Whether torch.compile compiled anything in this process (a cheap look at its counters)."""
-    utils = sys.modules.get("torch._dynamo.utils")
-    counters = getattr(utils, "counters", None)
-    try:
-        return bool(counters is not None and counters["stats"]["unique_graphs"])
-    except Exception:  # another torch's layout: assume compiled, watch no forward
-        return True
-
-
-def _roots(ran: list[nn.Module]) -> list[tuple[str, nn.Module]]:
-    """Named top-level modules: the script's, then those that ran and nothing holds.
+def _roots(built: list[nn.Module]) -> list[tuple[str, nn.Module]]:
+    """Named top-level modules: the script's, then those built that nothing holds.
 
     Names come from the script's globals (``teacher``, ``trainer.teacher_model``);
-    a module that only ran is named by its class.
+    a module only seen being built is named by its class.
     """
-    named: list[tuple[str, nn.Module]] = []
-    main = sys.modules.get("__main__")
-    for key, value in list(vars(main).items()) if main is not None else []:
-        if isinstance(value, nn.Module):
-            named.append((key, value))
-        elif not isinstance(value, (type, types.ModuleType)) and hasattr(value, "__dict__"):
-            attrs = vars(value)
-            if isinstance(attrs, dict):
-                named.extend(
-                    (f"{key}.{attr}", v)
-                    for attr, v in list(attrs.items())
-                    if isinstance(v, nn.Module)
-                )
-    children = {id(c) for m in ran for c in m.children()}
-    tops = [m for m in ran if id(m) not in children]
+    named = named_modules_in_main()
     covered = {id(sub) for _, m in named for sub in m.modules()}
-    named.extend((type(m).__name__, m) for m in tops if id(m) not in covered)
+    named.extend((type(m).__name__, m) for m in built if id(m) not in covered)
     return named

@@ -6,13 +6,19 @@ import gc
 import importlib.util
 import os
 import sys
+import types
 import weakref
 from collections.abc import Iterable, Sequence
 from types import FrameType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
+from torch.utils.hooks import RemovableHandle
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
@@ -136,18 +142,139 @@ def _strip_wrappers(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "")
 
 
-def find_owner_modules(params: Iterable[torch.Tensor]) -> list[nn.Module]:
-    """Find the top-level modules that own any of ``params`` by scanning live objects.
+class Registrations:
+    """Which module holds each parameter and submodule, as modules are built.
 
-    Costs a walk over the garbage collector's objects, so call it only when a
-    finding needs names.
+    While a session is on (``gradguard run``, `gradguard.install`, the pytest
+    plugin), torch's global module and parameter registration hooks note, for
+    every module built, its parameters and its submodules by name: one Python
+    call per registration, at construction time only, none in a forward or a
+    backward pass (so torch.compile sees nothing). Parameters are then named
+    (`find_owner_modules`), and modules outside the guarded model found
+    (GG302), without walking the heap.
     """
+
+    def __init__(self) -> None:
+        # id -> (weak reference to the object, weak reference to what holds it)
+        self.params: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[nn.Module]]] = {}
+        self.parents: dict[int, tuple[weakref.ref[nn.Module], weakref.ref[nn.Module]]] = {}
+        self._users = 0
+        self._handles: list[RemovableHandle] = []
+
+    def start(self) -> None:
+        """Note registrations from now on (counted: one `stop` per `start`)."""
+        self._users += 1
+        if not self._handles:
+            self._handles = [
+                register_module_parameter_registration_hook(self._parameter),
+                register_module_module_registration_hook(self._module),
+            ]
+
+    def stop(self) -> None:
+        """The last user stopped: remove the hooks and forget what they noted."""
+        self._users = max(0, self._users - 1)
+        if self._users == 0:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            self.params.clear()
+            self.parents.clear()
+
+    def roots(self, params: Iterable[torch.Tensor]) -> list[nn.Module]:
+        """The outermost modules holding ``params``, as far as registrations tell."""
+        out: dict[int, nn.Module] = {}
+        for p in params:
+            entry = self.params.get(id(p))
+            holder = entry[1]() if entry is not None and entry[0]() is p else None
+            root = self._root(holder) if holder is not None else None
+            if root is not None:
+                out.setdefault(id(root), root)
+        return list(out.values())
+
+    def top_level(self) -> list[nn.Module]:
+        """The outermost live modules holding a parameter built while noting."""
+        out: dict[int, nn.Module] = {}
+        for _, holder in list(self.params.values()):
+            module = holder()
+            if module is not None:
+                root = self._root(module)
+                out.setdefault(id(root), root)
+        return list(out.values())
+
+    def _root(self, module: nn.Module) -> nn.Module:
+        for _ in range(256):  # no cycle is possible, but never loop forever
+            entry = self.parents.get(id(module))
+            parent = entry[1]() if entry is not None and entry[0]() is module else None
+            if parent is None:
+                return module
+            module = parent
+        return module
+
+    def _parameter(self, module: nn.Module, name: str, param: torch.Tensor | None) -> None:
+        if param is not None:
+            self._tidy(self.params)
+            self.params[id(param)] = (weakref.ref(param), weakref.ref(module))
+
+    def _module(self, module: nn.Module, name: str, sub: nn.Module | None) -> None:
+        if sub is not None:
+            self._tidy(self.parents)
+            self.parents.setdefault(id(sub), (weakref.ref(sub), weakref.ref(module)))
+
+    @staticmethod
+    def _tidy(table: dict[int, Any]) -> None:
+        """Drop dead entries once the table doubles: amortised O(1) per registration."""
+        if len(table) >= 1024 and len(table) & (len(table) - 1) == 0:
+            for key, entry in list(table.items()):
+                if entry[0]() is None:
+                    del table[key]
+
+
+REGISTRATIONS = Registrations()
+
+
+def named_modules_in_main() -> list[tuple[str, nn.Module]]:
+    """The modules the script's globals hold (``model``), or an object there holds
+    (``trainer.teacher_model``), by those names. Reads ``__dict__``s only: no properties."""
+    named: list[tuple[str, nn.Module]] = []
+    main = sys.modules.get("__main__")
+    for key, value in list(vars(main).items()) if main is not None else []:
+        if isinstance(value, nn.Module):
+            named.append((key, value))
+        elif not isinstance(value, (type, types.ModuleType)) and hasattr(value, "__dict__"):
+            attrs = vars(value)
+            if isinstance(attrs, dict):
+                named.extend(
+                    (f"{key}.{attr}", v)
+                    for attr, v in list(attrs.items())
+                    if isinstance(v, nn.Module)
+                )
+    return named
+
+
+def find_owner_modules(params: Iterable[torch.Tensor]) -> list[nn.Module]:
+    """The top-level modules that own any of ``params``, most covering first.
+
+    Looked up in `REGISTRATIONS` (modules built while a session was on) and in
+    the script's globals: a bounded look, whatever the heap size. Failing
+    those (a model built before, held by no global, guarded without
+    ``model=``), a walk over the garbage collector's live objects, once.
+    """
+    params = list(params)
     wanted = {id(p) for p in params}
-    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
+    modules = REGISTRATIONS.roots(params) + [m for _, m in named_modules_in_main()]
+    found = _covering(modules, wanted)
+    if not found:
+        live = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
+        found = _covering(live, wanted)
+    return found
+
+
+def _covering(modules: list[nn.Module], wanted: set[int]) -> list[nn.Module]:
+    """The top-level ones of ``modules`` holding any ``wanted`` parameter, most first."""
     children = {id(c) for m in modules for c in m.children()}
-    scored = [(_coverage(m, wanted), m) for m in modules if id(m) not in children]
+    roots = list({id(m): m for m in modules if id(m) not in children}.values())
+    scored = [(n, m) for n, m in ((_coverage(m, wanted), m) for m in roots) if n]
     # Prefer the root that covers most of the parameters, then the smaller one.
-    scored = [(n, m) for n, m in scored if n]
     scored.sort(key=lambda nm: (-nm[0], sum(1 for _ in nm[1].parameters())))
     return [m for _, m in scored]
 

@@ -33,6 +33,7 @@ from gradguard._dispatch import (
 )
 from gradguard._findings import Finding
 from gradguard._jsonlog import JsonLog
+from gradguard._naming import REGISTRATIONS
 from gradguard._report import plural, render_table, wants_colour, width_for
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ class Session:
             self._sinks.append(add_sink(self._log))
             self._sinks.append(add_record_sink(self._log.write_record))
         self._hook = register_optimizer_step_pre_hook(self._discover)
+        REGISTRATIONS.start()  # name parameters without walking the heap
         with _LOCK:
             _ACTIVE.append(self)
 
@@ -149,6 +151,7 @@ class Session:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        REGISTRATIONS.stop()
         error: BaseException | None = None
         try:
             for g in list(self._owned):

@@ -682,36 +682,41 @@ class Teacher(Student):
 
 
 def distill(teacher_use: str, *, steps: int = 30, teacher_opt_every: int = 0) -> list[tuple]:
-    """Distil a `Teacher` into a `Student`, only the student's optimizer guarded.
+    """Distil a `Teacher` into a `Student` under ``install()``, only the student's optimizer
+    guarded, with ``model=student``: gradguard is told nothing of the teacher.
 
     ``teacher_use``: ``"trainable"`` runs the teacher with gradients (the bug),
     ``"frozen"`` freezes it first, ``"no_grad"`` runs it under ``torch.no_grad()``.
     With ``teacher_opt_every``, an unguarded optimizer also trains the teacher,
     stepping that often. Returns ``(code, step, params)`` per finding.
     """
-    torch.manual_seed(0)
-    student, teacher = Student(), Teacher()
-    if teacher_use == "frozen":
-        teacher.requires_grad_(False)
-    opt = torch.optim.SGD(student.parameters(), lr=0.05)
-    teacher_opt = torch.optim.SGD(teacher.parameters(), lr=0.01) if teacher_opt_every else None
-    with (
-        structlog.testing.capture_logs(),
-        gradguard.guarding(opt, model=student, mode="log") as g,
-        gradguard.testing.record(g) as fired,
-    ):
-        for i, (x, _) in enumerate(batches(steps)):
-            opt.zero_grad()
-            if teacher_use == "no_grad":
-                with torch.no_grad():
+    gradguard.install(mode="log")
+    try:
+        torch.manual_seed(0)
+        student, teacher = Student(), Teacher()  # both function-local
+        if teacher_use == "frozen":
+            teacher.requires_grad_(False)
+        opt = torch.optim.SGD(student.parameters(), lr=0.05)
+        teacher_opt = torch.optim.SGD(teacher.parameters(), lr=0.01) if teacher_opt_every else None
+        with (
+            structlog.testing.capture_logs(),
+            gradguard.guarding(opt, model=student, mode="log") as g,
+            gradguard.testing.record(g) as fired,
+        ):
+            for i, (x, _) in enumerate(batches(steps)):
+                opt.zero_grad()
+                if teacher_use == "no_grad":
+                    with torch.no_grad():
+                        target = teacher(x)
+                else:
                     target = teacher(x)
-            else:
-                target = teacher(x)
-            F.mse_loss(student(x), target).backward()
-            opt.step()
-            if teacher_opt is not None and (i + 1) % teacher_opt_every == 0:
-                teacher_opt.step()
-                teacher_opt.zero_grad()
+                F.mse_loss(student(x), target).backward()
+                opt.step()
+                if teacher_opt is not None and (i + 1) % teacher_opt_every == 0:
+                    teacher_opt.step()
+                    teacher_opt.zero_grad()
+    finally:
+        gradguard.uninstall()
     return [(f.code, f.step, f.params) for f in fired]
 
 
@@ -723,17 +728,10 @@ TEACHER = (
 )
 
 
-@pytest.fixture
-def nothing_compiled() -> None:
-    """Forget what earlier tests compiled: forward passes are watched only before that."""
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-
-
-def test_a_trainable_teacher_no_optimizer_holds_is_unoptimized(nothing_compiled):
+def test_a_trainable_teacher_no_optimizer_holds_is_unoptimized():
     """A teacher left trainable gets gradients every step that nothing applies: GG302,
-    found among the modules that ran, confirmed at the next check, named by class."""
+    found among the modules built during the session, confirmed at the next check,
+    named by class."""
     assert distill("trainable") == [("GG302", 27, TEACHER)]
 
 

@@ -186,3 +186,27 @@ def test_the_first_step_of_a_correct_loop_is_silent() -> None:
             opt.step()
 
     assert _install_and_run(loop) == []
+
+
+def test_naming_under_install_walks_no_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no model given, install() names parameters from the modules it saw run in the
+    first iteration: no walk over the garbage collector's objects, however many there are."""
+    import gc
+
+    heap = [[i] for i in range(1_000_000)]  # a large program's heap
+    visited = []
+    for name in ("get_objects", "get_referrers"):
+        real = getattr(gc, name)
+
+        def counting(*args, _real=real, **kwargs):
+            found = _real(*args, **kwargs)
+            visited.append(len(found))
+            return found
+
+        monkeypatch.setattr(gc, name, counting)
+    gradguard.install(mode="log")
+    train(bug=True, steps=3)  # its model is a local variable: found only by running
+    rows = gradguard.uninstall()
+    assert [r.params for r in rows] == [("0.weight", "0.bias", "2.weight", "2.bias")]
+    assert visited == []
+    assert len(heap) == 1_000_000

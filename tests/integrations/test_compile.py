@@ -35,6 +35,7 @@ def compiled() -> Iterator[tuple[nn.Module, Callable[[torch.Tensor], torch.Tenso
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     yield net, torch.compile(net, backend="inductor")
     torch._dynamo.reset()
+    counters.clear()  # later tests run as a process that compiled nothing
 
 
 def batch(i: int) -> torch.Tensor:
@@ -135,5 +136,31 @@ def test_a_compiled_train_step_breaks_only_where_dynamo_does_without_gradguard()
     without, _ = run(guarded=False)
     with_guard, found = run(guarded=True)
     torch._dynamo.reset()
+    counters.clear()
     assert with_guard == without
     assert found == ["GG101"]
+
+
+def test_install_with_a_compiled_model_changes_nothing():
+    """Under install(), a torch.compile(module) model trains bit-identically, with no warning
+    (gradguard's registration hooks run while modules are built, never in a forward)."""
+
+    def train(guarded: bool) -> list[torch.Tensor]:
+        torch._dynamo.reset()
+        if guarded:
+            gradguard.install(mode="strict")
+        try:
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+            forward = torch.compile(net, backend="inductor")
+            opt = torch.optim.SGD(net.parameters(), lr=0.01)
+            loop(opt, forward, bug=None)
+        finally:
+            assert gradguard.uninstall() == []
+        return [p.detach().clone() for p in net.parameters()]
+
+    plain = train(guarded=False)
+    guarded = train(guarded=True)
+    torch._dynamo.reset()
+    counters.clear()
+    assert all(torch.equal(a, b) for a, b in zip(plain, guarded, strict=True))
