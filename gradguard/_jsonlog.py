@@ -1,11 +1,11 @@
 """The JSON-lines file: one object per finding, for log shippers and CI artefacts.
 
 Every finding record holds ``code``, ``event``, ``level``, ``step``,
-``optimizer``, ``params``, ``location``, ``hint``, ``doc``, ``message`` and
-``timestamp``, plus ``rank`` and ``world_size`` when ``torch.distributed`` is
-initialised. When the log closes after findings, one ``"event": "summary"``
-record gives how often each code fired, repeats included, for
-``gradguard report``.
+``optimizer``, ``params``, ``location``, ``hint``, ``doc``, ``message``,
+``timestamp`` and ``pid`` (the process that made it: a followed child's own),
+plus ``rank`` and ``world_size`` when ``torch.distributed`` is initialised.
+When the log closes after findings, one ``"event": "summary"`` record gives
+how often each code fired, repeats included, for ``gradguard report``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class JsonLog:
         Queued records are written within a second, before the next finding,
         and at `close`.
         """
-        line = json.dumps(with_rank(dict(obj)), ensure_ascii=False) + "\n"
+        line = json.dumps(with_origin(dict(obj)), ensure_ascii=False) + "\n"
         with self._lock:
             if self._file is None:
                 return
@@ -171,18 +171,28 @@ def record(finding: Finding) -> dict[str, Any]:
     return stamp(out)
 
 
-def stamp(out: dict[str, Any]) -> dict[str, Any]:
-    """Add the ``timestamp`` and, under ``torch.distributed``, ``rank`` and ``world_size``."""
-    out["timestamp"] = (
+def now() -> str:
+    """The current time as the ``timestamp`` field writes it: ISO 8601 in UTC."""
+    return (
         datetime.datetime.now(datetime.timezone.utc)
         .isoformat(timespec="microseconds")
         .replace("+00:00", "Z")
     )
-    return with_rank(out)
 
 
-def with_rank(out: dict[str, Any]) -> dict[str, Any]:
-    """Add ``rank`` and ``world_size`` when ``torch.distributed`` is initialised."""
+def stamp(out: dict[str, Any]) -> dict[str, Any]:
+    """Add the ``timestamp``, the ``pid`` and, under ``torch.distributed``, the rank."""
+    out["timestamp"] = now()
+    return with_origin(out)
+
+
+def with_origin(out: dict[str, Any]) -> dict[str, Any]:
+    """Add the ``pid`` and, when ``torch.distributed`` is initialised, ``rank`` and ``world_size``.
+
+    The pid tells apart the processes of one run (followed children share
+    their parent's log), whose optimizers may carry the same label.
+    """
+    out["pid"] = os.getpid()
     dist = _distributed()
     if dist is not None:
         out["rank"], out["world_size"] = dist
