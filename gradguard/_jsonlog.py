@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import IO, Any
 
 import torch
@@ -119,6 +120,30 @@ class JsonLog:
                 or time.monotonic() - self._written > _BATCH_SECONDS
             ):
                 self._write_batch()
+
+    def write_event(self, obj: dict[str, Any]) -> None:
+        """Append a record that is not a finding at once, stamped like one."""
+        self._append(stamp(dict(obj)))
+
+    def absorb(
+        self,
+        findings: Iterable[dict[str, Any]],
+        norms: Iterable[dict[str, Any]],
+        counts: dict[str, int],
+    ) -> None:
+        """Append records another process wrote (a followed child), and add its counts.
+
+        The records are written as they are, with that process's ``pid``,
+        ``timestamp`` and rank; the summary record at `close` counts them too.
+        """
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in (*findings, *norms)]
+        with self._lock:
+            if self._file is None:
+                return
+            for code, n in counts.items():
+                self._counts[code] = self._counts.get(code, 0) + n
+            self._batch.extend(lines)
+            self._write_batch()
 
     def _append(self, obj: dict[str, Any]) -> None:
         line = json.dumps(obj, ensure_ascii=False) + "\n"
