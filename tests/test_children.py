@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from gradguard import _plot
+from gradguard._report import load
 from gradguard._session import NOTHING_STEPPED
 from gradguard.cli import main
 
@@ -151,6 +153,10 @@ def test_fork_children_findings_are_counted_once(
     # Each process's steps once: a fork drops the norms its parent had not written yet.
     norms = sorted((r["pid"], r["step"]) for r in records if r["event"] == "norms")
     assert norms == sorted((pid, step) for pid in (parent, *workers) for step in range(2, 6))
+    # The workers' optimizers share a label; the timeline draws one panel per process.
+    series = _plot._series(load([str(log)]))
+    assert sorted(series) == sorted(["SGD#0", *(f"SGD#1 (pid {pid})" for pid in workers)])
+    assert [s.steps for s in series.values()] == [[2, 3, 4, 5]] * 3
 
 
 # A DataLoader's workers import torch but never step: they must cost nothing.
