@@ -1,11 +1,11 @@
 """The JSON-lines file: one object per finding, for log shippers and CI artefacts.
 
 Every finding record holds ``code``, ``event``, ``level``, ``step``,
-``optimizer``, ``params``, ``location``, ``hint``, ``doc``, ``message`` and
-``timestamp``, plus ``rank`` and ``world_size`` when ``torch.distributed`` is
-initialised. When the log closes after findings, one ``"event": "summary"``
-record gives how often each code fired, repeats included, for
-``gradguard report``.
+``optimizer``, ``params``, ``location``, ``hint``, ``doc``, ``message``,
+``timestamp`` and ``pid`` (the process that made it: a followed child's own),
+plus ``rank`` and ``world_size`` when ``torch.distributed`` is initialised.
+When the log closes after findings, one ``"event": "summary"`` record gives
+how often each code fired, repeats included, for ``gradguard report``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import IO, Any
 
 import torch
@@ -109,7 +110,7 @@ class JsonLog:
         Queued records are written within a second, before the next finding,
         and at `close`.
         """
-        line = json.dumps(with_rank(dict(obj)), ensure_ascii=False) + "\n"
+        line = json.dumps(with_origin(dict(obj)), ensure_ascii=False) + "\n"
         with self._lock:
             if self._file is None:
                 return
@@ -119,6 +120,30 @@ class JsonLog:
                 or time.monotonic() - self._written > _BATCH_SECONDS
             ):
                 self._write_batch()
+
+    def write_event(self, obj: dict[str, Any]) -> None:
+        """Append a record that is not a finding at once, stamped like one."""
+        self._append(stamp(dict(obj)))
+
+    def absorb(
+        self,
+        findings: Iterable[dict[str, Any]],
+        norms: Iterable[dict[str, Any]],
+        counts: dict[str, int],
+    ) -> None:
+        """Append records another process wrote (a followed child), and add its counts.
+
+        The records are written as they are, with that process's ``pid``,
+        ``timestamp`` and rank; the summary record at `close` counts them too.
+        """
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in (*findings, *norms)]
+        with self._lock:
+            if self._file is None:
+                return
+            for code, n in counts.items():
+                self._counts[code] = self._counts.get(code, 0) + n
+            self._batch.extend(lines)
+            self._write_batch()
 
     def _append(self, obj: dict[str, Any]) -> None:
         line = json.dumps(obj, ensure_ascii=False) + "\n"
@@ -171,18 +196,28 @@ def record(finding: Finding) -> dict[str, Any]:
     return stamp(out)
 
 
-def stamp(out: dict[str, Any]) -> dict[str, Any]:
-    """Add the ``timestamp`` and, under ``torch.distributed``, ``rank`` and ``world_size``."""
-    out["timestamp"] = (
+def now() -> str:
+    """The current time as the ``timestamp`` field writes it: ISO 8601 in UTC."""
+    return (
         datetime.datetime.now(datetime.timezone.utc)
         .isoformat(timespec="microseconds")
         .replace("+00:00", "Z")
     )
-    return with_rank(out)
 
 
-def with_rank(out: dict[str, Any]) -> dict[str, Any]:
-    """Add ``rank`` and ``world_size`` when ``torch.distributed`` is initialised."""
+def stamp(out: dict[str, Any]) -> dict[str, Any]:
+    """Add the ``timestamp``, the ``pid`` and, under ``torch.distributed``, the rank."""
+    out["timestamp"] = now()
+    return with_origin(out)
+
+
+def with_origin(out: dict[str, Any]) -> dict[str, Any]:
+    """Add the ``pid`` and, when ``torch.distributed`` is initialised, ``rank`` and ``world_size``.
+
+    The pid tells apart the processes of one run (followed children share
+    their parent's log), whose optimizers may carry the same label.
+    """
+    out["pid"] = os.getpid()
     dist = _distributed()
     if dist is not None:
         out["rank"], out["world_size"] = dist

@@ -7,6 +7,7 @@ imported only here, only when a plot is asked for, and drawn off-screen.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -65,7 +66,17 @@ def _value(norm: object) -> float:
 
 
 def _series(run: Run) -> dict[str, _Series]:
-    """Per optimizer, the norms of the lowest rank that recorded them.
+    """Per panel (see `_namer`), the norms of the lowest rank that recorded them, by step."""
+    chosen = _lowest_rank(run)
+    name = _namer(chosen)
+    out: dict[str, _Series] = {}
+    for rec in sorted(chosen, key=lambda r: r.get("step", 0)):
+        out.setdefault(name(rec), _Series()).add(rec)
+    return out
+
+
+def _lowest_rank(run: Run) -> list[Record]:
+    """Per optimizer, the norm records of the lowest rank that recorded them.
 
     After DistributedDataParallel's all-reduce every rank applies the same
     gradients, so one rank's line stands for all of them.
@@ -75,12 +86,23 @@ def _series(run: Run) -> dict[str, _Series]:
         opt, rank = str(rec.get("optimizer", "")), rec.get("rank", 0)
         if isinstance(rank, int):
             lowest[opt] = min(rank, lowest.get(opt, rank))
-    out: dict[str, _Series] = {}
-    for rec in sorted(run.norms, key=lambda r: r.get("step", 0)):
+    return [r for r in run.norms if r.get("rank", 0) == lowest.get(str(r.get("optimizer", "")))]
+
+
+def _namer(norms: list[Record]) -> Callable[[Record], str]:
+    """A record's panel: its optimizer, and its pid where several processes share that label.
+
+    Followed child processes (hogwild workers) number their optimizers alike.
+    """
+    pids: dict[str, set[object]] = {}
+    for rec in norms:
+        pids.setdefault(str(rec.get("optimizer", "")), set()).add(rec.get("pid"))
+
+    def name(rec: Record) -> str:
         opt = str(rec.get("optimizer", ""))
-        if rec.get("rank", 0) == lowest.get(opt):
-            out.setdefault(opt, _Series()).add(rec)
-    return out
+        return opt if len(pids.get(opt, ())) <= 1 else f"{opt} (pid {rec.get('pid')})"
+
+    return name
 
 
 def timeline(run: Run, path: str) -> None:
@@ -102,13 +124,14 @@ def timeline(run: Run, path: str) -> None:
     series = _series(run)
     if not series:
         raise ValueError("no gradient norms were recorded in this log")
+    name_of = _namer(_lowest_rank(run))
     names = sorted(series)
     fig, axes = plt.subplots(
         len(names), 1, figsize=(_SIZE[0], _SIZE[1] * len(names)), squeeze=False
     )
     try:
         for ax, name in zip(axes[:, 0], names, strict=True):
-            _panel(ax, name, series[name], [f for f in run.findings if f.get("optimizer") == name])
+            _panel(ax, name, series[name], [f for f in run.findings if name_of(f) == name])
         fig.tight_layout()
         fig.savefig(path, dpi=_DPI, format="png")
     finally:

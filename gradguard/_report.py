@@ -133,6 +133,10 @@ class Run:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     ranks: set[int] = dataclasses.field(default_factory=set)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # From a followed child's own file only, never in a user's log: one
+    # "watching" record per optimizer the child stepped.
+    watched: int = 0
+    stepping: set[int] = dataclasses.field(default_factory=set)
 
     def summary(self) -> list[SummaryRow]:
         """Per code: the count over every file, and the first occurrence anywhere."""
@@ -216,6 +220,9 @@ def load(paths: Sequence[str]) -> Run:
                     counts[str(code)] = counts.get(str(code), 0) + _int(n)
             elif event == "norms":
                 run.norms.append(rec)
+            elif event == "watching":
+                run.watched += 1
+                run.stepping.add(_int(rec.get("pid")))
             elif isinstance(rec.get("code"), str):
                 findings.append(rec)
             else:

@@ -6,12 +6,15 @@ a guard; that guard's own step hooks are registered while torch is still
 calling the global ones, and torch calls them in the same step. The guard skips
 judging that first step: the backward before it ran before any hook existed.
 
-Used by `gradguard.install`, ``gradguard run`` and the pytest plugin.
+Used by `gradguard.install`, ``gradguard run`` and the pytest plugin. The
+first two also follow the Python processes the program starts
+(``gradguard._children``): their findings join this session's log and summary.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 import threading
 import weakref
@@ -20,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO
 
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from gradguard import _children
+from gradguard._children import ChildLog, Follow
 from gradguard._dispatch import (
     MODES,
     Mode,
@@ -32,9 +37,9 @@ from gradguard._dispatch import (
     validate_mode,
 )
 from gradguard._findings import Finding
-from gradguard._jsonlog import JsonLog
+from gradguard._jsonlog import JsonLog, now, record
 from gradguard._naming import REGISTRATIONS
-from gradguard._report import plural, render_table, wants_colour, width_for
+from gradguard._report import Record, Run, plural, render_table, wants_colour, width_for
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +91,11 @@ class Session:
     It owns the guards it attached and closes them on `stop`; guards the user
     created with `gradguard.guard` stay with the user, but their findings are
     counted and logged here too.
+
+    With ``follow=True`` the Python processes started while it is active are
+    guarded as well and report to it (see ``gradguard._children``); with
+    ``child_of=DIRECTORY`` it is such a child's session, writing to its file
+    in that directory and printing no summary of its own.
     """
 
     def __init__(
@@ -96,8 +106,10 @@ class Session:
         log_json: object = None,
         verbose: bool = False,
         record_norms: bool = False,
+        follow: bool = False,
+        child_of: str | None = None,
     ) -> None:
-        if record_norms and log_json is None:
+        if record_norms and log_json is None and child_of is None:
             raise ValueError(
                 "record_norms=True needs log_json=PATH: the norms are written to the JSON log"
             )
@@ -109,11 +121,21 @@ class Session:
         self.optimizers = 0
         self._counts: dict[str, int] = {}
         self._first: dict[str, Finding] = {}
+        self._first_at: dict[str, str] = {}  # when, to order it among the children's
         self._owned: weakref.WeakSet[Guard] = weakref.WeakSet()
         self._seen: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-        self._log = None if log_json is None else JsonLog(log_json)
+        self._log: JsonLog | ChildLog | None
+        if child_of is not None:
+            self._log = ChildLog(child_of, self.stop_quietly)
+        else:
+            self._log = None if log_json is None else JsonLog(log_json)
         self._hook: RemovableHandle | None = None
         self._sinks: list[SinkHandle] = []
+        self._wants_follow = follow
+        self._follow: Follow | None = None
+        self._children = Run(paths=[])
+        self.child_strict: Record | None = None
+        """In strict mode, the first finding a followed child raised (known after `stop`)."""
         self.active = False
 
     @property
@@ -121,19 +143,50 @@ class Session:
         """The JSON-lines file this session writes, if any."""
         return None if self._log is None else self._log.path
 
-    def start(self) -> None:
-        """Begin guarding every optimizer at its next step."""
+    @property
+    def is_child(self) -> bool:
+        """Whether this session reports to a parent run rather than to the user."""
+        return isinstance(self._log, ChildLog)
+
+    def start(self, *, global_hook: bool = True) -> None:
+        """Begin guarding every optimizer at its next step.
+
+        Args:
+            global_hook: register torch's global step pre-hook; a followed
+                child's startup hook calls `discover` itself instead.
+        """
         if self.active:
             return
         self.active = True
         self._sinks.append(add_sink(self._on_finding))
         if self._log is not None:
-            self._sinks.append(add_sink(self._log))
-            self._sinks.append(add_record_sink(self._log.write_record))
-        self._hook = register_optimizer_step_pre_hook(self._discover)
+            self._sinks.append(add_sink(self._log_finding))
+            self._sinks.append(add_record_sink(self._log_record))
+        if global_hook:
+            self._hook = register_optimizer_step_pre_hook(self._discover)
         REGISTRATIONS.start()  # name parameters without walking the heap
+        if self._wants_follow:
+            try:
+                self._follow = Follow(self.mode, self.ignore, self.record_norms)
+            except Exception as exc:  # say why, and let the script run all the same
+                _log().warning(
+                    "children-not-followed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    note="processes this one starts run unguarded",
+                )
+        if self._follow is not None or self.is_child:
+            _children.track(self)
         with _LOCK:
             _ACTIVE.append(self)
+
+    # The log is looked up at each call: a fork replaces it (`forked`).
+    def _log_finding(self, finding: Finding, first: bool) -> None:
+        if self._log is not None:
+            self._log(finding, first)
+
+    def _log_record(self, obj: dict[str, Any]) -> None:
+        if self._log is not None:
+            self._log.write_record(obj)
 
     def stop(self) -> None:
         """Stop discovering optimizers and close the guards this session attached.
@@ -163,16 +216,64 @@ class Session:
             for handle in reversed(self._sinks):
                 handle.remove()
             self._sinks.clear()
+            _children.untrack(self)
+            if self._follow is not None:
+                self._absorb(self._follow.collect())
+                self._follow = None
             if self._log is not None:
                 self._log.close()
         if error is not None:
             raise error
+
+    def stop_quietly(self) -> None:
+        """`stop`, for a followed child at exit: what it found is already in its file."""
+        try:
+            self.stop()
+        except Exception as exc:  # GradGuardError included: its record was written first
+            if getattr(exc, "finding", None) is None:
+                print(f"gradguard: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def _absorb(self, children: Run) -> None:
+        """Take in what the followed children wrote: into the log, the summary, the verdict."""
+        self._children = children
+        if isinstance(self._log, JsonLog):
+            self._log.absorb(children.findings, children.norms, children.counts)
+        if self.mode == "strict":
+            raised = [r for r in children.findings if r.get("level") in ("warning", "error")]
+            if raised:
+                self.child_strict = min(raised, key=lambda r: str(r.get("timestamp", "")))
+
+    def forked(self) -> None:
+        """In a process just forked from this one: report to the run's directory from now on.
+
+        The fork inherited this session, guards and all; what the parent found
+        stays the parent's, so counting starts afresh and goes to this
+        process's own file, opened at its first record.
+        """
+        if self._follow is not None:
+            directory = self._follow.directory
+        elif isinstance(self._log, ChildLog):
+            directory = self._log.directory
+        else:
+            return
+        self._follow = None
+        self._log = ChildLog(directory, self.stop_quietly)
+        self.findings = []
+        self.optimizers = 0
+        self._counts, self._first, self._first_at = {}, {}, {}
+        self._children = Run(paths=[])
+
+    def discover(self, opt: torch.optim.Optimizer) -> None:
+        """Guard ``opt`` from its next step on, if it is new to this session."""
+        self._discover(opt, (), {})
 
     def _discover(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if opt in self._seen:
             return
         self._seen.add(opt)
         self.optimizers += 1
+        if isinstance(self._log, ChildLog):
+            self._log.watching()
         try:
             from gradguard._guard import attach, guard_of
 
@@ -197,10 +298,24 @@ class Session:
         if first:
             self.findings.append(finding)
         self._counts[finding.code] = self._counts.get(finding.code, 0) + 1
-        self._first.setdefault(finding.code, finding)
+        if finding.code not in self._first:
+            self._first[finding.code] = finding
+            self._first_at[finding.code] = now()
 
     def summary(self) -> list[SummaryRow]:
-        """Per code: how often it fired while active, and where and how it first did."""
+        """Per code: how often it fired while active, and where and how it first did.
+
+        After `stop`, the followed children's findings are counted in, and the
+        first occurrence is the earliest in any process.
+        """
+        if self._children.counts:
+            own = [
+                {**record(f), "timestamp": self._first_at[code]} for code, f in self._first.items()
+            ]
+            counts = dict(self._children.counts)
+            for code, n in self._counts.items():
+                counts[code] = counts.get(code, 0) + n
+            return Run(paths=[], findings=[*self._children.findings, *own], counts=counts).summary()
         rows = []
         for code in sorted(self._counts):
             f = self._first[code]
@@ -219,18 +334,46 @@ class Session:
         return rows
 
     def print_summary(self, file: TextIO | None = None) -> None:
-        """Write the summary to stderr; nothing when nothing was found, unless verbose."""
+        """Write the summary to stderr; nothing when nothing was found, unless verbose.
+
+        When no optimizer stepped in the whole run, it says so. A followed
+        child prints nothing: its parent's summary counts it.
+        """
+        if self.is_child:
+            return
         stream = sys.stderr if file is None else file
+        children = self._children
         text = format_summary(
             self.summary(),
             self.mode,
-            self.optimizers,
+            self.optimizers + children.watched,
             self.verbose,
             colour=wants_colour(stream),
             width=width_for(stream),
+            in_children=InChildren(
+                findings=sum(children.counts.values()),
+                finding_processes=len({r.get("pid") for r in children.findings}),
+                optimizers=children.watched,
+                stepping_processes=len(children.stepping - {os.getpid()}),
+            ),
         )
         if text:
             print(text, file=stream, flush=True)
+
+
+NOTHING_STEPPED = "gradguard: no optimizer stepped in this run (nothing was checked)"
+
+
+class InChildren(NamedTuple):
+    """How much of a run happened in the child processes it followed."""
+
+    findings: int = 0
+    finding_processes: int = 0
+    optimizers: int = 0
+    stepping_processes: int = 0
+
+
+_NONE_IN_CHILDREN = InChildren()
 
 
 def format_summary(
@@ -241,15 +384,36 @@ def format_summary(
     *,
     colour: bool = False,
     width: int = 100,
+    in_children: InChildren = _NONE_IN_CHILDREN,
 ) -> str:
-    """The end-of-run summary: a title, then the table ``gradguard report`` prints too."""
+    """The end-of-run summary: a title, then the table ``gradguard report`` prints too.
+
+    Args:
+        optimizers: how many optimizers stepped in the run, children included.
+        in_children: how many of the findings and optimizers were in followed
+            child processes, and in how many of them.
+    """
+    there = in_children
     if not rows:
+        if not optimizers:
+            return NOTHING_STEPPED
         if not verbose:
             return ""
-        return f"gradguard: no findings (mode={mode}, {plural(optimizers, 'optimizer')} watched)"
+        watched = plural(optimizers, "optimizer") + " watched"
+        where = _where(there.optimizers, optimizers, there.stepping_processes)
+        return f"gradguard: no findings (mode={mode}, {watched}{where})"
     total = sum(r.count for r in rows)
-    title = f"gradguard: {plural(total, 'finding')} (mode={mode})"
+    where = _where(there.findings, total, there.finding_processes)
+    title = f"gradguard: {plural(total, 'finding')} (mode={mode}{where})"
     return title + "\n" + render_table(rows, colour=colour, width=width)
+
+
+def _where(part: int, total: int, processes: int) -> str:
+    """``, in 2 child processes`` or ``, 3 of them in 1 child process``; empty for none."""
+    if not part or not processes:
+        return ""
+    where = f"in {processes} child process{'es' if processes != 1 else ''}"
+    return f", {where}" if part == total else f", {part} of them {where}"
 
 
 def install(
@@ -263,7 +427,13 @@ def install(
 
     For notebooks and for scripts that want it in one line at the top. A
     second call replaces the first. At `uninstall` or at exit, a summary of
-    the findings goes to stderr.
+    the findings goes to stderr. Python processes started from then on
+    (multiprocessing's spawn and forkserver children, ``subprocess``) are
+    guarded too, with these settings, and counted in that summary and log.
+
+    Called in a process that a run follows (a spawned worker re-running the
+    script's top), it keeps reporting to that run, with these settings; the
+    run's log gets its findings, so ``log_json`` is not opened there.
 
     Args:
         mode: ``"warn"``, ``"strict"``, ``"log"``, or ``"off"`` (do nothing).
@@ -283,13 +453,26 @@ def install(
     codes = validate_codes(ignore)
     if not isinstance(record_norms, bool):
         raise TypeError(f"record_norms must be True or False; got {record_norms!r}")
+    if record_norms and log_json is None:
+        raise ValueError(
+            "record_norms=True needs log_json=PATH: the norms are written to the JSON log"
+        )
+    parent = _children.settings()
     # Built first: a bad argument must leave any current session running.
-    session = (
-        None
-        if setting == "off"
-        else Session(setting, ignore=codes, log_json=log_json, record_norms=record_norms)
-    )
+    session: Session | None = None
+    if setting == "off":
+        pass
+    elif parent is not None:
+        session = Session(
+            setting, ignore=codes, record_norms=record_norms, child_of=parent.directory
+        )
+    else:
+        session = Session(
+            setting, ignore=codes, log_json=log_json, record_norms=record_norms, follow=True
+        )
     uninstall()
+    if parent is not None:
+        _children.leave()
     if session is None:
         return
     global _INSTALLED

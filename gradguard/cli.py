@@ -3,7 +3,9 @@
 ``gradguard run``: the script runs as ``__main__`` exactly as ``python
 script.py`` would run it: same ``sys.argv``, ``sys.path[0]``, ``__file__``,
 tracebacks and exit code. gradguard writes only to stderr, so the script's
-stdout is unchanged.
+stdout is unchanged. The Python processes it starts are followed
+(``gradguard._children``); in strict mode a finding in one of them makes the
+run exit 1.
 
 ``gradguard report``: the summary table of one or more JSON-lines logs, and
 optionally the gradient timeline as a picture.
@@ -24,12 +26,20 @@ import zipfile
 from collections.abc import Callable, Sequence
 from importlib.machinery import SourceFileLoader
 
-from gradguard import _plot
+from gradguard import _children, _plot
 from gradguard._dispatch import validate_codes
-from gradguard._exceptions import GradGuardError
+from gradguard._exceptions import ERRORS, GradGuardError
 from gradguard._jsonlog import resolve_path
 from gradguard._naming import _is_internal
-from gradguard._report import ReportError, expand, load, report_text, wants_colour, width_for
+from gradguard._report import (
+    Record,
+    ReportError,
+    expand,
+    load,
+    report_text,
+    wants_colour,
+    width_for,
+)
 from gradguard._session import SETTINGS, Session, validate_setting
 
 ENV_VAR = "GRADGUARD"
@@ -155,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = run_parser.parse_args(option_tokens)
     if script is None and module is None:
         run_parser.error("give a script to run, or -m module")
+    # A run started inside a followed process is a run of its own.
+    _children.leave()
 
     mode = opts.mode
     if mode is None:
@@ -178,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_json=opts.log_json,
                 verbose=opts.verbose,
                 record_norms=opts.record_norms,
+                follow=True,
             )
         )
     except (TypeError, ValueError) as exc:
@@ -228,11 +241,25 @@ def _report(opts: argparse.Namespace) -> int:
 
 
 def _execute(runner: Runner, session: Session | None, mode: str) -> int:
+    """Run the script; return its exit status, or 1 for a strict finding in any process.
+
+    A strict finding in a followed child fails the run even when the script
+    ignored that child's exit status; a script's own non-zero status stays.
+    """
     if session is not None:
         session.start()
     try:
         runner()
-    except (SystemExit, KeyboardInterrupt):
+    except SystemExit as exc:
+        late = _finish(session)
+        if late is not None:
+            _print_strict(late, mode)
+            return 1
+        if session is not None and session.child_strict is not None and exc.code in (0, None):
+            _print_child_strict(session.child_strict, mode)
+            return 1
+        raise
+    except KeyboardInterrupt:
         late = _finish(session)
         if late is None:
             raise
@@ -253,6 +280,9 @@ def _execute(runner: Runner, session: Session | None, mode: str) -> int:
     late = _finish(session)
     if late is not None:
         _print_strict(late, mode)
+        return 1
+    if session is not None and session.child_strict is not None:
+        _print_child_strict(session.child_strict, mode)
         return 1
     return 0
 
@@ -302,6 +332,17 @@ def _print_strict(exc: GradGuardError, mode: str) -> None:
     message = exc.finding.message if exc.finding is not None else str(exc)
     lines.append(message + "\n")
     sys.stderr.write("".join(lines))
+    sys.stderr.flush()
+
+
+def _print_child_strict(rec: Record, mode: str) -> None:
+    """Report a strict-mode finding a child raised: the finding's message last."""
+    error = ERRORS.get(str(rec.get("code")), GradGuardError)
+    sys.stderr.write(
+        f"gradguard.{error.__qualname__} in child process {rec.get('pid')} "
+        f"(mode={mode}: a finding in a child process fails the run; use --mode warn):\n"
+        f"{rec.get('message')}\n"
+    )
     sys.stderr.flush()
 
 

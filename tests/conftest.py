@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +81,15 @@ def subprocess_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     monkeypatch.delenv("GRADGUARD", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     return dict(os.environ)
+
+
+@pytest.fixture
+def isolated_sys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let an in-process run replace sys.argv, sys.path[0] and __main__, then restore them."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
+    monkeypatch.delenv("GRADGUARD", raising=False)
 
 
 SOAK_DEFAULT = 2_000

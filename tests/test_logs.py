@@ -29,6 +29,7 @@ FIELDS = {
     "doc",
     "message",
     "timestamp",
+    "pid",
 }
 
 
@@ -72,7 +73,7 @@ def test_json_log_holds_one_line_per_finding_with_every_field(tmp_path: Path) ->
     assert str(record["message"]).endswith(f"Fix: {record['hint']}. See {record['doc']}.")
     assert record["doc"] == "docs/findings/GG102.md"
     assert str(record["timestamp"]).endswith("Z")
-    assert set(summary) == {"event", "counts", "timestamp"}
+    assert set(summary) == {"event", "counts", "timestamp", "pid"}
     assert (summary["event"], summary["counts"]) == ("summary", {"GG102": 4})
 
 

@@ -65,7 +65,7 @@ def test_recorded_norms_match_norms_computed_independently(tmp_path: Path) -> No
     label = gradguard.guard_of(opt).optimizer
     assert {r["optimizer"] for r in norms} == {label}
     for record, want in zip(norms, expected, strict=True):
-        assert set(record) == {"event", "step", "optimizer", "total", "modules"}
+        assert set(record) == {"event", "step", "optimizer", "total", "modules", "pid"}
         assert list(record["modules"]) == ["encoder", "head"]
         got = {"total": record["total"], **record["modules"]}
         assert got == pytest.approx(want, rel=1e-5)

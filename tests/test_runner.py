@@ -15,6 +15,7 @@ from conftest import ROOT
 from loops import BUGGY_SCRIPT, CORRECT_SCRIPT
 from test_logs import FIELDS as JSON_FIELDS
 
+from gradguard._session import NOTHING_STEPPED
 from gradguard.cli import main
 
 FLAGSHIP = "examples/tutorial_loop.py"
@@ -44,15 +45,6 @@ def tutorial_stdout() -> str:
     with contextlib.redirect_stdout(out):
         runpy.run_path(str(ROOT / UNGUARDED), run_name="__main__")
     return out.getvalue()
-
-
-@pytest.fixture
-def isolated_sys(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let an in-process run replace sys.argv, sys.path[0] and __main__, then restore them."""
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
-    monkeypatch.delenv("GRADGUARD", raising=False)
 
 
 def test_strict_flagship_exits_nonzero_with_the_finding_last(
@@ -115,7 +107,10 @@ def test_script_failure_is_the_same_as_under_python(
     capsys: pytest.CaptureFixture[str],
     isolated_sys: None,
 ) -> None:
-    """A script's own exception or sys.exit(3) gives python's output, traceback and exit code."""
+    """A script's own exception or sys.exit(3) gives python's output, traceback and exit code.
+
+    gradguard adds one line before them: the probe steps no optimizer.
+    """
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "probe.py").write_text(PROBE)
     expected = _python("sub/probe.py", how, "--mode", "x", cwd=tmp_path)
@@ -125,7 +120,8 @@ def test_script_failure_is_the_same_as_under_python(
     except SystemExit as exc:
         code = exc.code  # type: ignore[assignment]
     out, err = capsys.readouterr()
-    assert (code, out, err) == (expected.returncode, expected.stdout, expected.stderr)
+    assert (code, out) == (expected.returncode, expected.stdout)
+    assert err == NOTHING_STEPPED + "\n" + expected.stderr
 
 
 def test_dash_m_runs_a_module_like_python(
@@ -142,7 +138,7 @@ def test_dash_m_runs_a_module_like_python(
     monkeypatch.chdir(tmp_path)
     code = main(["run", "-m", "gg_probe_pkg.mod", "a", "-m"])
     out, err = capsys.readouterr()
-    assert (code, out, err) == (0, expected.stdout, "")
+    assert (code, out, err) == (0, expected.stdout, NOTHING_STEPPED + "\n")
 
 
 def test_correct_loop_prints_nothing_unless_verbose(

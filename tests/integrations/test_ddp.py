@@ -193,3 +193,52 @@ def test_runner_under_torchrun_writes_one_log_per_rank_and_only_the_buggy_rank_r
     assert [(r["code"], r["rank"], r["world_size"]) for r in records] == [("GG101", 1, 2)]
     assert records[0]["params"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     assert records[0]["location"] == "train.py:16"
+
+
+# Each rank starts a trainer process of its own; rank 1's forgets zero_grad.
+RANK_CHILD_SCRIPT = """\
+import os
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+
+def train(clear):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        if clear:
+            opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+
+
+if __name__ == "__main__":
+    rank = int(os.environ["RANK"])
+    child = mp.get_context("fork").Process(target=train, args=(rank == 0,))
+    child.start()
+    child.join()
+    print(f"rank {rank} done")
+"""
+
+
+def test_under_torchrun_each_ranks_children_report_to_that_ranks_log(tmp_path, subprocess_env):
+    """A child of rank 1 with a bug is in run-1.jsonl, with the child's pid; run-0 stays empty."""
+    script = tmp_path / "train.py"
+    script.write_text(RANK_CHILD_SCRIPT)
+    log = f"--log-json={tmp_path / 'run-{rank}.jsonl'}"
+    proc = torchrun(
+        "-m", "gradguard", "run", "--mode=log", log, str(script), env=subprocess_env, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 0 done" in proc.stdout
+    assert "rank 1 done" in proc.stdout
+    assert (tmp_path / "run-0.jsonl").read_text() == ""
+    lines = (tmp_path / "run-1.jsonl").read_text().splitlines()
+    finding, summary = map(json.loads, lines)
+    assert (finding["code"], finding["step"], finding["params"]) == ("GG101", 2, ["weight", "bias"])
+    assert finding["location"] == "train.py:16"
+    assert finding["pid"] != summary["pid"]  # the child's own, not its rank's
+    assert summary["counts"] == {"GG101": 2}
