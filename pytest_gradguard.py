@@ -292,8 +292,18 @@ class FindingsRecorder:
     test to assert on instead of failing it.
     """
 
-    def __init__(self, findings: list[Finding]) -> None:
-        self._findings = findings
+    def __init__(self, session: Session | None) -> None:
+        self._session = session
+        self._none: list[Finding] = []  # gradguard off for this test
+
+    @property
+    def _findings(self) -> list[Finding]:
+        """The findings so far, with every device result still pending judged first
+        (on CUDA a guard reads them a step or more later; a test asks now)."""
+        if self._session is None:
+            return self._none
+        self._session.settle()
+        return self._session.findings
 
     @property
     def findings(self) -> list[Finding]:
@@ -333,5 +343,4 @@ class FindingsRecorder:
 @pytest.fixture
 def gradguard_findings(request: pytest.FixtureRequest) -> FindingsRecorder:
     """The current test's gradguard findings, for assertions (like ``recwarn``)."""
-    session = request.node.stash.get(_SESSION, None)
-    return FindingsRecorder(session.findings if session is not None else [])
+    return FindingsRecorder(request.node.stash.get(_SESSION, None))

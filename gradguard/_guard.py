@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -33,6 +34,7 @@ from gradguard._dispatch import (
 from gradguard._exceptions import GradGuardError, GradGuardWarning
 from gradguard._findings import Finding, make_finding
 from gradguard._health import (
+    LATENESS,
     BackwardNorms,
     Cadence,
     FiniteProbe,
@@ -100,6 +102,7 @@ class ZeroCheck:
         nonzero: those whose gradient is finite and not all zeros.
         complete: every parameter asked about is in one of the two (none was
             non-finite, or collected since).
+        unknown: those whose gradient was not finite.
         finite: what the `FiniteProbe` read in the step's backward (1.0
             finite, 0.0 not), if it watched one of these parameters.
     """
@@ -109,9 +112,48 @@ class ZeroCheck:
     nonzero: Params
     complete: bool
     finite: float | None
+    unknown: Params = dataclasses.field(default_factory=list)
 
 
 ZeroJudge = Callable[[ZeroCheck], None]
+
+
+class _Now:
+    """A result with no values, ready at once: queued, it is judged after those before it."""
+
+    def ready(self) -> bool:
+        return True
+
+    def values(self) -> list[float]:
+        return []
+
+
+_AFTER_PENDING = _Now()
+
+
+class _Stale:
+    """GG101's parameters for one step, from every check that names them.
+
+    Some are known at the step, others only once a zero check on the device
+    has answered; queued after those checks, the step reports them as one
+    finding.
+    """
+
+    __slots__ = ("refs",)
+
+    def __init__(self) -> None:
+        self.refs: Refs = []
+
+    def add(self, params: list[torch.Tensor]) -> None:
+        self.refs += _refs(params)
+
+    def params(self, order: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The live ones, once each, in ``order`` (the optimizer's) where it has them."""
+        found = {id(p): p for r in self.refs if (p := r()) is not None}
+        if not found:
+            return []
+        ordered = [p for p in order if id(p) in found]
+        return ordered if len(ordered) == len(found) else list(found.values())
 
 
 class _Pending:
@@ -119,7 +161,9 @@ class _Pending:
 
     __slots__ = ("params", "readback", "resolve")
 
-    def __init__(self, readback: Readback | Exchange, params: Refs, resolve: Resolver) -> None:
+    def __init__(
+        self, readback: Readback | Exchange | _Now, params: Refs, resolve: Resolver
+    ) -> None:
         self.readback = readback
         # Parameters, not gradients: naming them later must not keep grads alive.
         self.params = params
@@ -180,6 +224,11 @@ class Guard:
         self._unused: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self._named: dict[tuple[int, ...], tuple[str, ...]] = {}  # naming is not free
         self._pending: list[_Pending] = []
+        self._fallback: dict[int, str] | None = None  # group names, for after the optimizer
+        # param id -> the step whose zero check, still on the device, says whether
+        # what that step applied was zeros; and the latest step whose check did.
+        self._tentative: dict[int, int] = {}
+        self._found_zero: dict[int, int] = {}
         self._current: Entries | None = None
         self._zero_applied: set[int] = set()  # params this step applies as all-zero
         self._finite_probe = FiniteProbe(self._hook_failed)
@@ -232,6 +281,21 @@ class Guard:
     def summary(self) -> list[SummaryRow]:
         """Per finding code: count, first step, first location and the fix."""
         return self._reporter.summary()
+
+    def settle(self) -> None:
+        """Judge the device results still pending now, waiting for the device if need be.
+
+        Closing does this too; call it to read `findings` complete mid-run
+        (it is one host-device sync on CUDA when anything is pending).
+        """
+        if self._closed or not self._pending:
+            return
+        try:
+            self._drain(wait=True)
+        except _PROPAGATE:
+            raise
+        except Exception as exc:
+            self._fail(exc, "settling")
 
     def close(self) -> None:
         """Report pending results, then remove every hook and wrapper; idempotent."""
@@ -299,6 +363,9 @@ class Guard:
             return error  # nested: the outer step records what it applied, once judged
         zero_applied, self._zero_applied = self._zero_applied, set()
         mark_applied(entries)
+        if self._tentative:  # this step's apply replaced what earlier checks were about
+            step = self._step
+            self._tentative = {k: s for k, s in self._tentative.items() if s == step}
         if zero_applied:
             for param, slot in entries:
                 if id(param) in zero_applied:
@@ -317,6 +384,7 @@ class Guard:
             return False  # nested in another step: one update, judged by the outer step
         self._step += 1
         self._judge_after = None  # a step that died raising never returned to be judged
+        LATENESS.step_began()
         self._drain(wait=False)
         entries = self._current = self._entries(opt)
         if self._probe_shared:
@@ -381,24 +449,54 @@ class Guard:
         step = self._step
         if self._held_empty is not None:
             self._report_held_empty(verdict.cleared)
-        self._report("GG101", verdict.stale + verdict.reapplied, location, step)
+        # A gradient some step applied is content until a zero check still on
+        # the device says it was zeros (`_tentative`): GG101 about it waits.
+        tentative = {id(p): self._tentative[id(p)] for p in self._uncertain(verdict)}
+        stale = [p for p in verdict.stale if id(p) not in tentative]
+        reapplied = [p for p in verdict.reapplied if id(p) not in tentative]
+        gg101 = _Stale()
+        gg101.add(stale + reapplied)
         self._report("GG102", verdict.cleared, location, step)
+        self._stale_once_known([p for p in verdict.stale if id(p) in tentative], tentative, gg101)
         # Gradients changed in place since we saw them: a clip leaves them
         # nonzero, a clear we could not see leaves zeros. Ask the device.
         probe = (self._finite_probe.key, self._finite_probe.take())
         self._defer_zero(
-            verdict.stale_changed, functools.partial(self._stale_changed, location), probe
+            verdict.stale_changed,
+            functools.partial(self._stale_changed, location, tentative, gg101),
+            probe,
         )
-        self._defer_zero(verdict.changed, functools.partial(self._changed, location), probe)
-        only_zeros_left = not (
-            verdict.any_fresh or verdict.stale or verdict.reapplied or verdict.cleared
+        judged = self._defer_zero(
+            verdict.changed, functools.partial(self._changed, location), probe
         )
-        frozen = frozenset(map(id, verdict.reapplied_changed))
+        if verdict.changed and not judged:
+            # Its answer comes later: arm the probe now rather than then, so the
+            # next backward's reading is there to tell a clear from nan_to_num_.
+            self._finite_probe.arm(min(verdict.changed, key=torch.Tensor.numel))
+        only_zeros_left = not (verdict.any_fresh or stale or reapplied or verdict.cleared)
+        # Re-applied untouched since (tentative ones too: zeros now were zeros
+        # then), or a frozen layer's old gradient clipped again: GG101 if not zeros.
+        again = [p for p in verdict.reapplied if id(p) in tentative]
         self._defer_zero(
-            verdict.reapplied_changed + verdict.rewritten + verdict.assigned,
-            functools.partial(self._rewritten, location, frozen, only_zeros_left),
+            verdict.reapplied_changed + again + verdict.rewritten + verdict.assigned,
+            functools.partial(
+                self._rewritten,
+                location,
+                gg101,
+                frozenset(map(id, verdict.reapplied_changed)),
+                frozenset(map(id, again)),
+                tentative,
+                only_zeros_left,
+            ),
         )
         self._defer_zero(verdict.maybe_zero, None)
+        self._defer(
+            _AFTER_PENDING,
+            [],
+            lambda _values, _alive: self._report(
+                "GG101", gg101.params(self._params), location, step
+            ),
+        )
         if verdict.nothing_to_apply and self._unwatched:
             self._held_empty = (location, step)  # told apart at the next step: see _judge
         elif verdict.nothing_to_apply:
@@ -422,11 +520,38 @@ class Guard:
         else:
             self._report("GG103", [], location, step, _UNWATCHED_FIRST_STEP)
 
-    def _stale_changed(self, location: Location, check: ZeroCheck) -> None:
+    def _uncertain(self, verdict: StepVerdict) -> list[torch.Tensor]:
+        """The parameters GG101 would name whose applied content a pending check decides."""
+        if not self._tentative:
+            return []
+        named = verdict.stale + verdict.reapplied + verdict.stale_changed
+        return [p for p in named + verdict.reapplied_changed if id(p) in self._tentative]
+
+    def _was_zeros(self, param: torch.Tensor, tentative: dict[int, int]) -> bool:
+        """Whether the check that decided ``param``'s applied content found zeros."""
+        step = tentative.get(id(param))
+        return step is not None and self._found_zero.get(id(param)) == step
+
+    def _stale_once_known(
+        self, params: list[torch.Tensor], tentative: dict[int, int], gg101: _Stale
+    ) -> None:
+        """Gradients accumulated onto applied content are stale (GG101) once the checks
+        still on the device have said the content was not zeros (judged after them)."""
+        if not params:
+            return
+
+        def resolve(values: list[float], alive: list[torch.Tensor | None]) -> None:
+            gg101.add([p for p in alive if p is not None and not self._was_zeros(p, tentative)])
+
+        self._defer(_AFTER_PENDING, params, resolve)
+
+    def _stale_changed(
+        self, location: Location, tentative: dict[int, int], gg101: _Stale, check: ZeroCheck
+    ) -> None:
         """Stale, then changed in place: zeroed by a clear we cannot see, or clipped (GG101)."""
         if check.zero:
             self._unseen_clear(location, check)
-        self._report("GG101", check.nonzero, location, check.step)
+        gg101.add([p for p in check.nonzero if not self._was_zeros(p, tentative)])
 
     def _changed(self, location: Location, check: ZeroCheck) -> None:
         """Fresh, then changed in place: all zero is a clear we cannot see, else a clip."""
@@ -434,15 +559,26 @@ class Guard:
             self._unseen_clear(location, check)
 
     def _rewritten(
-        self, location: Location, frozen: frozenset[int], only_zeros_left: bool, check: ZeroCheck
+        self,
+        location: Location,
+        gg101: _Stale,
+        frozen: frozenset[int],
+        again: frozenset[int],
+        tentative: dict[int, int],
+        only_zeros_left: bool,
+        check: ZeroCheck,
     ) -> None:
-        """Written with no backward: a frozen layer's old gradient clipped again
-        (GG101), new content written by hand, or zeros (GG103 if nothing else)."""
+        """Written with no backward: an applied gradient again (a frozen layer's clipped
+        again, or one re-applied as it was while a check of it was still on the device:
+        GG101), new content written by hand, or zeros (GG103 if nothing else)."""
         nonzero = check.nonzero
-        self._report("GG101", [p for p in nonzero if id(p) in frozen], location, check.step)
+        stale = [p for p in nonzero if id(p) in frozen and not self._was_zeros(p, tentative)]
+        # Untouched since: all that can spare it is zeros (NaN is re-applied too).
+        stale += [p for p in nonzero + check.unknown if id(p) in again]
+        gg101.add(stale)
         for p in nonzero:
             slot = self._slots.get(id(p))
-            if slot is not None and id(p) not in frozen:
+            if slot is not None and id(p) not in frozen | again:
                 slot.used = True
         if only_zeros_left and check.complete and not nonzero:
             self._report("GG103", [], location, check.step)
@@ -676,7 +812,7 @@ class Guard:
         params: list[torch.Tensor],
         judge: ZeroJudge | None,
         probe: tuple[int | None, torch.Tensor | None] = (None, None),
-    ) -> None:
+    ) -> bool:
         """Ask the device which of ``params``' gradients are exactly zero; judge once known.
 
         ``judge`` gets the parameters split by the answer; non-finite gradients
@@ -684,17 +820,18 @@ class Guard:
         every gradient, zeros included). A zero gradient is remembered as
         applying nothing, so a backward onto it later is not stale. ``probe``,
         the `FiniteProbe`'s parameter and reading, is read back with them when
-        that parameter is among ``params``.
+        that parameter is among ``params``. Returns whether it was judged now
+        (also when there was nothing to ask).
         """
         if not params:
-            return
+            return True
         key, reading = probe
         extra = reading if reading is not None and any(id(p) == key for p in params) else None
         grads = [p.grad for p in params if p.grad is not None]
         readback = zero_flags(grads, extra) if len(grads) == len(params) else None
         del grads  # never hold gradients past this call
         if readback is None:
-            return
+            return True
         step = self._step
         count = len(params)
 
@@ -704,39 +841,58 @@ class Guard:
             finite = values[count] if extra is not None else None
             zero = [p for p, z in zip(alive, flags, strict=True) if z == 1 and p is not None]
             nonzero = [p for p, z in zip(alive, flags, strict=True) if z == 0 and p is not None]
+            for p in alive:
+                if p is not None and self._tentative.get(id(p)) == step:
+                    del self._tentative[id(p)]
             for p in zero:
                 if step == self._step:  # the step has not recorded what it applied yet
                     self._zero_applied.add(id(p))
+                self._found_zero[id(p)] = step
                 slot = self._slots.get(id(p))
                 if slot is not None:
                     slot.applied = slot.stale = False
             if judge is not None:
                 complete = len(zero) + len(nonzero) == count
-                judge(ZeroCheck(step, zero, nonzero, complete, finite))
+                unknown = [p for p, z in zip(alive, flags, strict=True) if z != z and p is not None]
+                judge(ZeroCheck(step, zero, nonzero, complete, finite, unknown))
 
-        self._defer(readback, params, resolve)
+        if self._defer(readback, params, resolve):
+            return True
+        for p in params:  # what this step applies is content until the device says
+            self._tentative[id(p)] = step
+        return False
 
     def _defer(
-        self, readback: Readback | Exchange, params: list[torch.Tensor], resolve: Resolver
-    ) -> None:
-        """Resolve now when the values are readable (CPU) or must be (strict), else later."""
-        if self.options.mode == "strict" or readback.ready():
+        self, readback: Readback | Exchange | _Now, params: list[torch.Tensor], resolve: Resolver
+    ) -> bool:
+        """Resolve now when the values are readable (CPU) or must be (strict), else later.
+
+        Results are judged in the order they were computed: one queued behind
+        an earlier result still pending waits for it. Returns whether it was
+        judged now.
+        """
+        if self.options.mode == "strict" or (not self._pending and readback.ready()):
             self._resolve(readback, list(params), resolve)  # no weak references needed
-        else:
-            self._pending.append(_Pending(readback, _refs(params), resolve))
+            return True
+        if self._fallback is None:  # the first result judged later: learn names now
+            opt = self._opt_ref()
+            self._fallback = fallback_names(opt.param_groups) if opt is not None else {}
+            self._namer.prepare(self._params)
+        self._pending.append(_Pending(readback, _refs(params), resolve))
+        return False
 
     def _drain(self, wait: bool) -> None:
-        keep = []
-        for pending in self._pending:
-            if wait or pending.readback.ready():
-                self._resolve(pending.readback, [r() for r in pending.params], pending.resolve)
-            else:
-                keep.append(pending)
-        self._pending = keep
+        """Judge the pending results that have arrived (all of them with ``wait``), in order."""
+        while self._pending:
+            pending = self._pending[0]
+            if not (wait or pending.readback.ready()):
+                return
+            del self._pending[0]
+            self._resolve(pending.readback, [r() for r in pending.params], pending.resolve)
 
     def _resolve(
         self,
-        readback: Readback | Exchange,
+        readback: Readback | Exchange | _Now,
         alive: list[torch.Tensor | None],
         resolve: Resolver,
     ) -> None:
@@ -782,7 +938,8 @@ class Guard:
 
     def _names(self, params: list[torch.Tensor]) -> tuple[str, ...]:
         opt = self._opt_ref()
-        fallback = fallback_names(opt.param_groups) if opt is not None else {}
+        # Judged after the optimizer went: the group names learned before.
+        fallback = fallback_names(opt.param_groups) if opt is not None else self._fallback or {}
         return self._namer.names(params, fallback)
 
     # -- tracking ------------------------------------------------------------
@@ -979,7 +1136,14 @@ class Guard:
                     opt.__dict__[name] = prev
 
     def _optimizer_collected(self, _ref: object) -> None:
-        self._pending.clear()  # nothing left to name or report against
+        # The optimizer is gone, its last steps' device results are not: judge
+        # them (named by the models; nothing may raise out of a gc callback).
+        try:
+            self._drain(wait=True)
+        except BaseException as exc:  # strict findings included: there is no step to raise from
+            self._pending.clear()
+            if not isinstance(exc, _PROPAGATE):
+                self._fail(exc, "the optimizer's collection")
         self._detach()
         self._late.clear()  # the hook dicts died with the optimizer
 
@@ -1204,6 +1368,32 @@ def guarding(
     finally:
         if owned:
             g.close()
+
+
+def settle_all() -> None:
+    """`Guard.settle` every live guard: what they found reaches today's sinks.
+
+    The first strict finding is raised once every guard has settled.
+    """
+    error: BaseException | None = None
+    for g in list(_GUARDS.values()):
+        try:
+            g.settle()
+        except _PROPAGATE as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+
+
+def _settle_at_exit() -> None:
+    """At interpreter exit: a result still on the device is about a step that ran."""
+    try:
+        settle_all()
+    except Exception as exc:  # the interpreter is going away; say what, never raise
+        print(f"gradguard: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+atexit.register(_settle_at_exit)
 
 
 def unguard(optimizer: torch.optim.Optimizer) -> Guard | None:

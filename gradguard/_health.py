@@ -21,6 +21,41 @@ from torch.utils.hooks import RemovableHandle
 from gradguard._sharded import local
 
 
+class Lateness:
+    """How late device results arrive: a switch for tests, not an option.
+
+    On the CPU a result is ready as soon as it is computed, so the paths that
+    judge a result steps later (a CUDA device running behind the host) never
+    run there. Tests set ``steps`` (a result is ready once that many more steps
+    of any guard have begun) or ``until_close`` (only when its guard closes)
+    to run them. `Readback.values` still returns at once when asked, as a
+    CUDA event's ``synchronize`` does (strict mode, closing).
+    """
+
+    steps = 0
+    until_close = False
+    clock = 0  # steps begun, while ``steps`` is set
+
+    def reset(self) -> None:
+        """Back to results ready when computed."""
+        self.steps, self.until_close = 0, False
+
+    def step_began(self) -> None:
+        if self.steps:
+            self.clock += 1
+
+    def due(self) -> int:
+        """The clock at which a result computed now is ready."""
+        return self.clock + self.steps if self.steps else 0
+
+    def holds(self, due: int) -> bool:
+        """Whether a result due at ``due`` is still on its way."""
+        return self.until_close or self.clock < due
+
+
+LATENESS = Lateness()
+
+
 class Readback:
     """Values computed on some device, readable later without a sync.
 
@@ -30,11 +65,12 @@ class Readback:
     device-side permutation.
     """
 
-    __slots__ = ("_event", "_host", "_order")
+    __slots__ = ("_due", "_event", "_host", "_order")
 
     def __init__(self, values: torch.Tensor, order: list[int] | None = None) -> None:
         self._event: torch.cuda.Event | None = None
         self._order = order
+        self._due = LATENESS.due()
         if values.device.type == "cpu":
             self._host = values
         elif values.device.type == "cuda":
@@ -47,6 +83,8 @@ class Readback:
 
     def ready(self) -> bool:
         """Whether `values` can be read without waiting for the device."""
+        if LATENESS.holds(self._due):  # tests: a device running behind
+            return False
         return self._event is None or bool(self._event.query())  # type: ignore[no-untyped-call]
 
     def values(self) -> list[float]:

@@ -115,12 +115,25 @@ class ParamNamer:
         """The live models given with ``model=``."""
         return [m for m in (r() for r in self._models) if m is not None]
 
+    def prepare(self, params: list[torch.Tensor]) -> None:
+        """Learn the names now, while the models are alive, if that is cheap.
+
+        For results judged later (a device running behind): by then the
+        model may be gone with the optimizer. Only a bounded look (given
+        models, registrations, globals), never the walk over live objects.
+        """
+        if self._names is None:
+            models = self.models() or find_owner_modules(params, walk=False)
+            if models:
+                self._names = _name_table(models)
+
     def _table(
         self, params: list[torch.Tensor]
     ) -> dict[int, tuple[weakref.ref[torch.Tensor], str]]:
         if self._names is None or any(id(p) not in self._names for p in params):
             models = self.models() or find_owner_modules(params)
-            self._names = _name_table(models)
+            # Keep what was learned: models that died since named parameters too.
+            self._names = {**(self._names or {}), **_name_table(models)}
         return self._names
 
 
@@ -251,19 +264,20 @@ def named_modules_in_main() -> list[tuple[str, nn.Module]]:
     return named
 
 
-def find_owner_modules(params: Iterable[torch.Tensor]) -> list[nn.Module]:
+def find_owner_modules(params: Iterable[torch.Tensor], *, walk: bool = True) -> list[nn.Module]:
     """The top-level modules that own any of ``params``, most covering first.
 
     Looked up in `REGISTRATIONS` (modules built while a session was on) and in
     the script's globals: a bounded look, whatever the heap size. Failing
     those (a model built before, held by no global, guarded without
-    ``model=``), a walk over the garbage collector's live objects, once.
+    ``model=``), a walk over the garbage collector's live objects, unless
+    ``walk`` is false.
     """
     params = list(params)
     wanted = {id(p) for p in params}
     modules = REGISTRATIONS.roots(params) + [m for _, m in named_modules_in_main()]
     found = _covering(modules, wanted)
-    if not found:
+    if not found and walk:
         live = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
         found = _covering(live, wanted)
     return found

@@ -207,6 +207,7 @@ class Session:
         REGISTRATIONS.stop()
         error: BaseException | None = None
         try:
+            error = self._settle()
             for g in list(self._owned):
                 try:
                     g.close()
@@ -224,6 +225,24 @@ class Session:
                 self._log.close()
         if error is not None:
             raise error
+
+    def settle(self) -> None:
+        """Judge every guard's pending device results now (`Guard.settle`)."""
+        error = self._settle()
+        if error is not None:
+            raise error
+
+    @staticmethod
+    def _settle() -> Exception | None:
+        """Settle every live guard, the user's own too: their findings reach this
+        session's sinks while it has them. Returns the strict finding raised, if any."""
+        from gradguard._guard import settle_all
+
+        try:
+            settle_all()
+        except Exception as exc:  # GradGuardError: a strict finding
+            return exc
+        return None
 
     def stop_quietly(self) -> None:
         """`stop`, for a followed child at exit: what it found is already in its file."""

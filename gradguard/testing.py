@@ -15,10 +15,15 @@ def record(guard: Guard) -> Iterator[list[Finding]]:
 
     ``guard.findings`` keeps one finding per code and place; this list keeps
     each occurrence, in order, for tests that check what every step reported.
+    Device results still pending when the block ends are judged then, so
+    every finding about the block's steps is in the list.
     """
     seen: list[Finding] = []
     guard._reporter.listeners.append(seen.append)
     try:
         yield seen
     finally:
-        guard._reporter.listeners.remove(seen.append)
+        try:
+            guard.settle()  # results still on the device are about the block's steps
+        finally:
+            guard._reporter.listeners.remove(seen.append)

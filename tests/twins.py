@@ -63,7 +63,7 @@ def assert_silent_and_identical(scenario: Callable[[Wrap], list[torch.Tensor]], 
 
 
 def findings(scenario: Callable[[Wrap], Any], **options) -> list[tuple[str, int, tuple[str, ...]]]:
-    """Run ``scenario`` guarded in log mode; every finding as ``(code, step, params)``."""
+    """Run ``scenario`` guarded in log mode; every finding as ``(code, step, params)``, by step."""
     guards = Guards("log", **options)
     with structlog.testing.capture_logs() as logs:
         try:
@@ -71,4 +71,7 @@ def findings(scenario: Callable[[Wrap], Any], **options) -> list[tuple[str, int,
         finally:
             guards.close()
     assert not [e for e in logs if e["event"] == "internal-error"]
-    return [(f.code, f.step, f.params) for f in guards.fired]
+    # In the order of the steps they are about: a result judged late (a device
+    # running behind) is reported after later steps' findings.
+    fired = sorted(guards.fired, key=lambda f: f.step)
+    return [(f.code, f.step, f.params) for f in fired]
