@@ -159,7 +159,7 @@ def test_sharpness_aware_optimizers_from_pytorch_optimizer(kind, entry):
     assert all(torch.equal(a, b) for a, b in zip(plain, guarded, strict=True))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="capturable=True needs CUDA parameters")
+@pytest.mark.cuda
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_capturable_optimizers_on_cuda(cls):
     """Capturable Adam/AdamW keep their step counters on the GPU: silent, then GG101."""
