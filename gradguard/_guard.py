@@ -443,6 +443,8 @@ class Guard:
         if (self.options.check_numerics or self.options.record_norms) and verdict.with_grad:
             self._check_numerics(opt, verdict, location)
         self._judge_models(entries, verdict, location)
+        if self.options.mode == "strict":
+            self._drain(wait=True)  # the step's results, read with one sync: raised here
 
     def _judge_lifecycle(self, verdict: StepVerdict, location: Location) -> None:
         """GG101-GG103: was this step's gradient made, kept and cleared at the right time."""
@@ -469,9 +471,9 @@ class Guard:
         judged = self._defer_zero(
             verdict.changed, functools.partial(self._changed, location), probe
         )
-        if verdict.changed and not judged:
-            # Its answer comes later: arm the probe now rather than then, so the
-            # next backward's reading is there to tell a clear from nan_to_num_.
+        if verdict.changed and not judged and self.options.mode != "strict":
+            # Its answer comes after this step: arm the probe now rather than then, so
+            # the next backward's reading is there to tell a clear from nan_to_num_.
             self._finite_probe.arm(min(verdict.changed, key=torch.Tensor.numel))
         only_zeros_left = not (verdict.any_fresh or stale or reapplied or verdict.cleared)
         # Re-applied untouched since (tentative ones too: zeros now were zeros
@@ -865,13 +867,14 @@ class Guard:
     def _defer(
         self, readback: Readback | Exchange | _Now, params: list[torch.Tensor], resolve: Resolver
     ) -> bool:
-        """Resolve now when the values are readable (CPU) or must be (strict), else later.
+        """Resolve now when the values are readable (CPU), else later (strict mode: at
+        the end of the step's judgement, all with one sync).
 
         Results are judged in the order they were computed: one queued behind
         an earlier result still pending waits for it. Returns whether it was
         judged now.
         """
-        if self.options.mode == "strict" or (not self._pending and readback.ready()):
+        if not self._pending and readback.ready():
             self._resolve(readback, list(params), resolve)  # no weak references needed
             return True
         if self._fallback is None:  # the first result judged later: learn names now
@@ -882,7 +885,15 @@ class Guard:
         return False
 
     def _drain(self, wait: bool) -> None:
-        """Judge the pending results that have arrived (all of them with ``wait``), in order."""
+        """Judge the pending results that have arrived (all of them with ``wait``), in order.
+
+        Waiting, it waits once, for the newest device result: those computed
+        before it on the stream are complete then too.
+        """
+        if wait:
+            newest = [p.readback for p in self._pending if isinstance(p.readback, Readback)]
+            if newest:
+                newest[-1].wait()
         while self._pending:
             pending = self._pending[0]
             if not (wait or pending.readback.ready()):

@@ -56,6 +56,15 @@ class Lateness:
 LATENESS = Lateness()
 
 
+class _Waits:
+    """How many times gradguard waited for the device (`Readback.wait`): tests count it."""
+
+    count = 0
+
+
+WAITS = _Waits()
+
+
 class Readback:
     """Values computed on some device, readable later without a sync.
 
@@ -86,6 +95,12 @@ class Readback:
         if LATENESS.holds(self._due):  # tests: a device running behind
             return False
         return self._event is None or bool(self._event.query())  # type: ignore[no-untyped-call]
+
+    def wait(self) -> None:
+        """Wait for the device to have computed and copied the values (one sync on CUDA)."""
+        WAITS.count += 1
+        if self._event is not None:
+            self._event.synchronize()  # sync-ok: only in strict mode or when settling
 
     def values(self) -> list[float]:
         """The values, flattened, in input order; waits for the device only if not `ready` yet."""

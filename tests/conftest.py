@@ -68,10 +68,15 @@ DEVICE_RESULTS["at-close"] = (0, True)
 # CI: eager and at-close); every other module runs eager, unless
 # GRADGUARD_DEVICE_RESULTS_EVERYWHERE=1 says every module.
 DEFERRED_MODULES = {
+    "test_amp",
+    "test_api",
     "test_clearing_bugs",
     "test_correct_loops",
     "test_cost",
     "test_health",
+    "test_logs",
+    "test_norms",
+    "test_optimizers",
     "test_property",
     "test_real_patterns",
     "test_tracking_changes",

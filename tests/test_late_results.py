@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import gradguard
-from gradguard._health import LATENESS
+from gradguard._health import LATENESS, WAITS
 from gradguard.testing import record
 from tests.conftest import ALL, ROOT, Net, batches, loss_of
 
@@ -169,6 +169,23 @@ def test_strict_mode_raises_at_the_step_with_the_bug(net: Net) -> None:
     assert raised.value.finding.step == 2
     assert all(torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
     gradguard.unguard(opt)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_strict_mode_waits_for_the_device_once_per_step(net: Net, clip: bool) -> None:
+    """The norms, the zero check and the norms before a clip: one wait, for the newest."""
+    opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="strict")
+    waits = []
+    for batch in batches(6):
+        before = WAITS.count
+        opt.zero_grad()
+        loss_of(net, batch).backward()
+        if clip:
+            nn.utils.clip_grad_norm_(net.parameters(), 0.01)
+        opt.step()
+        waits.append(WAITS.count - before)
+    gradguard.unguard(opt)
+    assert waits == [1] * 6
 
 
 def _python(script: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

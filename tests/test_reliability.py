@@ -338,7 +338,7 @@ def held_by(g: Guard) -> dict[str, int]:
 
 @pytest.mark.soak
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from Linux /proc")
-def test_long_runs_keep_memory_and_held_objects_flat(soak_steps):
+def test_long_runs_keep_memory_and_held_objects_flat(soak_steps, device_results):
     """Over thousands of guarded steps, RSS and everything gradguard holds stay flat.
 
     Measured at 10% and 100% of the steps. What gradguard holds must be
@@ -348,6 +348,8 @@ def test_long_runs_keep_memory_and_held_objects_flat(soak_steps):
     warms up is about 2 MiB with or without gradguard, while a leak of 200
     bytes a step would pass 4 MiB over 20,000 steps.
     """
+    if device_results == "at-close":
+        pytest.skip("results that arrive only at close are held, by design, until then")
     torch.manual_seed(0)
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -426,9 +428,9 @@ def test_everything_is_collected_after_unguard_and_del():
         if t is not None
     ]
     assert g is not None
+    gradguard.unguard(opt)  # judges what is still pending, then lets go of everything
     assert [f.code for f in g.findings] == ["GG101"]
     del g
-    gradguard.unguard(opt)
     del net, extra, opt
     gc.collect()
     assert [r for r in refs if r() is not None] == []

@@ -49,8 +49,13 @@ def test_a_parameter_swapped_into_a_group_in_place_is_watched(net):
     assert g.findings[0].params == ENCODER
 
 
-def test_a_new_model_after_the_old_one_died_is_watched():
-    """Parameters whose ids may reuse dead ones' are tracked as the new objects they are."""
+def test_a_new_model_after_the_old_one_died_is_watched(device_results):
+    """Parameters whose ids may reuse dead ones' are tracked as the new objects they are.
+
+    gradguard holds parameters weakly: a finding still waiting for the device
+    when its parameters die goes with them. At close, that is every model's but
+    the last one's; 3 steps late, each model's three steps are all still waiting.
+    """
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     with gradguard.guarding(opt, mode="log") as g:
         for seed in range(3):
@@ -62,4 +67,4 @@ def test_a_new_model_after_the_old_one_died_is_watched():
             del net
             gc.collect()
     assert codes(g) == ["GG101"]
-    assert sum(g.counts.values()) == 6
+    assert sum(g.counts.values()) == (6 if device_results in ("eager", "late-1") else 2)
