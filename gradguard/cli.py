@@ -30,7 +30,7 @@ from gradguard import _children, _plot
 from gradguard._dispatch import validate_codes
 from gradguard._exceptions import ERRORS, GradGuardError
 from gradguard._jsonlog import resolve_path
-from gradguard._naming import _is_internal
+from gradguard._naming import step_frames
 from gradguard._report import (
     Record,
     ReportError,
@@ -322,10 +322,10 @@ def _print_exception(exc: BaseException) -> None:
 def _print_strict(exc: GradGuardError, mode: str) -> None:
     """Report a strict-mode finding: the user's frames, then the finding's message last."""
     frames = traceback.extract_tb(_user_traceback(exc.__traceback__))
-    # The frames inside torch's step wrapper and gradguard's hooks say nothing
-    # about the user's loop; the traceback ends at their optimizer.step() line.
-    while frames and _is_internal(frames[-1].filename):
-        frames.pop()
+    # The frames inside a library's optimizer wrapper, torch's step wrapper and
+    # gradguard's hooks say nothing about the user's loop; the traceback ends
+    # at the line the finding names, their optimizer.step().
+    del frames[step_frames([frame.filename for frame in frames]) :]
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
     lines.append(f"{name} (mode={mode}: the first finding stops the script; use --mode warn):\n")
