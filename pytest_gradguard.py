@@ -264,23 +264,24 @@ def pytest_runtest_makereport(
 def _end_at_the_step(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     """End a strict finding's traceback at the test's own ``optimizer.step()`` line.
 
-    The frames after it, inside torch's step wrapper and gradguard's hooks, say
-    nothing about the test. pytest rebuilds tracebacks from the raw ``tb_next``
-    chain, so the chain itself is cut.
+    The frames after it, inside a library's optimizer wrapper, torch's step
+    wrapper and gradguard's hooks, say nothing about the test: it ends at the
+    line the finding names (`gradguard._naming.step_frames`). pytest rebuilds
+    tracebacks from the raw ``tb_next`` chain, so the chain itself is cut.
     """
     from gradguard._exceptions import GradGuardError
-    from gradguard._naming import _is_internal
+    from gradguard._naming import step_frames
 
     if not isinstance(excinfo.value, GradGuardError) or excinfo.value.finding is None:
         return
-    last_user = None
+    chain = []
     tb: types.TracebackType | None = excinfo.tb
     while tb is not None:
-        if not _is_internal(tb.tb_frame.f_code.co_filename):
-            last_user = tb
+        chain.append(tb)
         tb = tb.tb_next
-    if last_user is not None and last_user.tb_next is not None:
-        last_user.tb_next = None
+    keep = step_frames([t.tb_frame.f_code.co_filename for t in chain])
+    if 0 < keep < len(chain):
+        chain[keep - 1].tb_next = None
         excinfo.traceback = type(excinfo.traceback)(excinfo.tb)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import os
 import sys
+import sysconfig
 import types
 import weakref
 from collections.abc import Iterable, Sequence
@@ -24,6 +26,10 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
 # Frames that belong to the machinery between the user's call and our hook.
 _SKIPPED_FILES = ("<frozen ", "<string>")
+# Where installed packages live, whatever the prefix: a venv, the system, --user.
+_PACKAGE_DIRS = tuple(
+    sep + name + sep for name in ("site-packages", "dist-packages") for sep in {os.sep, "/"}
+)
 
 
 # Training frameworks that call step() for the user: a finding points past
@@ -48,34 +54,105 @@ def _frameworks() -> tuple[str, ...]:
     return _framework_dirs
 
 
+def _python_dirs() -> tuple[str, ...]:
+    """The standard library's directories, and the interpreter's scripts directory
+    (console-script launchers such as ``bin/gradguard``: generated, never the user's)."""
+    dirs = {os.path.dirname(os.__file__), os.path.dirname(sys.executable)}
+    dirs.update(sysconfig.get_path(key) for key in ("stdlib", "platstdlib", "scripts"))
+    dirs.update([os.path.realpath(d) for d in dirs if d])
+    return tuple(os.path.join(d, "") for d in sorted(dirs) if d)
+
+
+_PYTHON_DIRS = _python_dirs()
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ours(filename: str) -> bool:
+    """torch, gradguard, and code with no file of its own: never a place to point at."""
+    return filename.startswith((_TORCH_DIR, _OWN_DIR, *_SKIPPED_FILES))
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_package(filename: str) -> bool:
+    """An installed package or a framework, torch and gradguard aside: where a step
+    is called from when no line of the user's is on the stack."""
+    return not _is_ours(filename) and (
+        any(part in filename for part in _PACKAGE_DIRS) or filename.startswith(_frameworks())
+    )
+
+
 def _is_internal(filename: str) -> bool:
-    return filename.startswith(
-        (_TORCH_DIR, _OWN_DIR, *_SKIPPED_FILES, *_frameworks())
-    ) or filename.endswith(("/contextlib.py", "/functools.py", "/runpy.py"))
+    """Whether a frame in ``filename`` is library code rather than the user's own:
+    torch, gradguard, an installed package, a framework or the standard library."""
+    return _is_ours(filename) or _is_package(filename) or filename.startswith(_PYTHON_DIRS)
 
 
 class Location(NamedTuple):
-    """Where in the user's code something happened."""
+    """Where in the user's code something happened.
+
+    ``library`` is true when no frame of the user's code was on the stack:
+    the place is then the innermost installed-package line, and says so.
+    """
 
     filename: str
     lineno: int
+    library: bool = False
 
     def __str__(self) -> str:
-        return f"{_display_path(self.filename)}:{self.lineno}" if self.filename else ""
+        if not self.filename:
+            return ""
+        if self.library:
+            where = _package_path(self.filename)
+            return f"no line of yours on the stack, library code at {where}:{self.lineno}"
+        return f"{_display_path(self.filename)}:{self.lineno}"
 
 
 def user_location(skip: int = 1) -> Location:
-    """Return the innermost frame outside torch and gradguard as a `Location`.
+    """Return the innermost frame of the user's own code as a `Location`.
+
+    Library frames (torch, gradguard, installed packages, the frameworks, the
+    standard library) are skipped. With no user frame on the stack, the
+    innermost installed-package frame, marked ``library``; with none of those
+    either, an empty location.
 
     Its ``str`` shows paths under the current directory relative to it, so
     messages read ``examples/train.py:23`` rather than an absolute path.
     """
     frame: FrameType | None = sys._getframe(skip)
-    while frame is not None and _is_internal(frame.f_code.co_filename):
+    fallback: FrameType | None = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not _is_internal(filename):
+            return Location(filename, frame.f_lineno)
+        if fallback is None and _is_package(filename):
+            fallback = frame
         frame = frame.f_back
-    if frame is None:
+    if fallback is None:
         return Location("", 0)
-    return Location(frame.f_code.co_filename, frame.f_lineno)
+    return Location(fallback.f_code.co_filename, fallback.f_lineno, library=True)
+
+
+def step_frames(filenames: Sequence[str]) -> int:
+    """How many frames of a traceback (outermost first) end it where a finding points.
+
+    The frames past the user's innermost one (or, with none, past the
+    innermost installed-package one, as `user_location` picks) are torch's
+    step wrapper and gradguard's hooks: the traceback of a strict finding
+    stops before them. All frames are kept when neither kind is there.
+    """
+    for i in range(len(filenames) - 1, -1, -1):
+        if not _is_internal(filenames[i]):
+            return i + 1
+    for i in range(len(filenames) - 1, -1, -1):
+        if _is_package(filenames[i]):
+            return i + 1
+    return len(filenames)
+
+
+def _package_path(filename: str) -> str:
+    """An installed package's file from its package down: ``pytorch_optimizer/optimizer/sam.py``."""
+    ends = [i + len(part) for part in _PACKAGE_DIRS if (i := filename.rfind(part)) >= 0]
+    return filename[max(ends) :] if ends else _display_path(filename)
 
 
 def _display_path(filename: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import importlib.util
+import functools
 import io
 import os
 import runpy
@@ -30,7 +30,7 @@ from gradguard import _children, _plot
 from gradguard._dispatch import validate_codes
 from gradguard._exceptions import ERRORS, GradGuardError
 from gradguard._jsonlog import resolve_path
-from gradguard._naming import _is_internal
+from gradguard._naming import step_frames
 from gradguard._report import (
     Record,
     ReportError,
@@ -44,8 +44,6 @@ from gradguard._session import SETTINGS, Session, validate_setting
 
 ENV_VAR = "GRADGUARD"
 _VALUE_OPTIONS = ("--mode", "--log-json", "--ignore")
-# Frames between the interpreter and the user's code: never part of their traceback.
-_RUNNER_FILES = frozenset({__file__, runpy.__file__, "<frozen runpy>"})
 
 Runner = Callable[[], None]
 
@@ -259,9 +257,12 @@ def _execute(runner: Runner, session: Session | None, mode: str) -> int:
             _print_child_strict(session.child_strict, mode)
             return 1
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         late = _finish(session)
         if late is None:
+            # Re-raised so the interpreter exits as python would (killed by
+            # SIGINT); it prints the traceback through sys.excepthook.
+            _report_at_exit(exc)
             raise
         _print_strict(late, mode)
         return 1
@@ -306,10 +307,16 @@ def _finish(session: Session | None, summary: bool = True) -> GradGuardError | N
 
 
 def _user_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
-    """Drop the runner's own frames from the top of ``tb``, as python shows none."""
-    while tb is not None and tb.tb_frame.f_code.co_filename in _RUNNER_FILES:
+    """The frames of ``tb`` below the runner's, those python itself would show.
+
+    Under ``-m``, and for a directory or zip, they start in runpy, as python's do.
+    """
+    start = tb
+    while tb is not None:
+        if tb.tb_frame.f_code in _RUNNER_CODES:
+            return tb.tb_next
         tb = tb.tb_next
-    return tb
+    return start
 
 
 def _print_exception(exc: BaseException) -> None:
@@ -319,13 +326,33 @@ def _print_exception(exc: BaseException) -> None:
     sys.excepthook(type(exc), exc.with_traceback(tb), tb)
 
 
+def _report_at_exit(exc: BaseException) -> None:
+    """Have the interpreter's report of ``exc``, which leaves the runner, show the user's frames.
+
+    The hook in place then (the script's own, if it set one) is called once,
+    with the traceback cut as `_print_exception` cuts it.
+    """
+    hook = sys.excepthook
+
+    def report(
+        kind: type[BaseException], value: BaseException, tb: types.TracebackType | None
+    ) -> None:
+        sys.excepthook = hook
+        if value is exc:
+            tb = _user_traceback(tb)
+            value = value.with_traceback(tb)
+        hook(kind, value, tb)
+
+    sys.excepthook = report
+
+
 def _print_strict(exc: GradGuardError, mode: str) -> None:
     """Report a strict-mode finding: the user's frames, then the finding's message last."""
     frames = traceback.extract_tb(_user_traceback(exc.__traceback__))
-    # The frames inside torch's step wrapper and gradguard's hooks say nothing
-    # about the user's loop; the traceback ends at their optimizer.step() line.
-    while frames and _is_internal(frames[-1].filename):
-        frames.pop()
+    # The frames inside a library's optimizer wrapper, torch's step wrapper and
+    # gradguard's hooks say nothing about the user's loop; the traceback ends
+    # at the line the finding names, their optimizer.step().
+    del frames[step_frames([frame.filename for frame in frames]) :]
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
     lines.append(f"{name} (mode={mode}: the first finding stops the script; use --mode warn):\n")
@@ -351,10 +378,10 @@ def _prepare_path(path: str | None, args: list[str]) -> Runner | int:
     assert path is not None
     sys.argv = [path, *args]
     if os.path.isdir(path) or zipfile.is_zipfile(path):
-        # A directory or zip with __main__.py: runpy puts it first on sys.path.
-        if sys.path:
-            del sys.path[0]
-        return lambda: _discard(runpy.run_path(path, run_name="__main__"))
+        # A directory or zip with __main__.py: python puts it first on sys.path
+        # and imports __main__ from it.
+        _set_path0(os.path.join(os.getcwd(), path))
+        return functools.partial(_run_as_main, "__main__", alter_argv=False)
     filename = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
     try:
         with io.open_code(filename) as f:
@@ -363,33 +390,46 @@ def _prepare_path(path: str | None, args: list[str]) -> Runner | int:
         print(f"gradguard run: can't open file {filename!r}: {exc}", file=sys.stderr)
         return 2
     _set_path0(os.path.dirname(os.path.realpath(filename)))
-
-    def run() -> None:
-        code = compile(source, filename, "exec", dont_inherit=True)
-        module = types.ModuleType("__main__")
-        module.__file__ = filename
-        module.__cached__ = None  # type: ignore[attr-defined]
-        module.__loader__ = SourceFileLoader("__main__", filename)
-        module.__builtins__ = builtins  # type: ignore[attr-defined]
-        sys.modules["__main__"] = module
-        exec(code, module.__dict__)
-
-    return run
+    return functools.partial(_run_source, source, filename)
 
 
-def _prepare_module(name: str, args: list[str]) -> Runner | int:
-    """Set up ``sys`` for ``python -m name args...`` and return what runs it, or an exit code."""
+def _prepare_module(name: str, args: list[str]) -> Runner:
+    """Set up ``sys`` for ``python -m name args...`` and return what runs it.
+
+    A module that is not there, or a package that fails to import, is
+    reported as python reports it, from inside the run.
+    """
     sys.argv = [name, *args]  # runpy replaces [0] with the module's file
     _set_path0(os.getcwd())
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError) as exc:
-        print(f"gradguard run: {exc}", file=sys.stderr)
-        return 1
-    if spec is None:
-        print(f"gradguard run: No module named {name}", file=sys.stderr)
-        return 1
-    return lambda: _discard(runpy.run_module(name, run_name="__main__", alter_sys=True))
+    return functools.partial(_run_as_main, name, alter_argv=True)
+
+
+def _run_source(source: bytes, filename: str) -> None:
+    """Run a script's source as ``__main__``, as ``python script.py`` does."""
+    code = compile(source, filename, "exec", dont_inherit=True)
+    module = types.ModuleType("__main__")
+    module.__file__ = filename
+    module.__cached__ = None  # type: ignore[attr-defined]
+    module.__loader__ = SourceFileLoader("__main__", filename)
+    module.__builtins__ = builtins  # type: ignore[attr-defined]
+    sys.modules["__main__"] = module
+    exec(code, module.__dict__)
+
+
+def _run_as_main(name: str, *, alter_argv: bool) -> None:
+    """Run a module, or a directory's or zip's ``__main__``, in a fresh ``__main__``.
+
+    Through the very function ``python -m`` and ``python dir`` call, so the
+    run, its errors and its tracebacks are theirs.
+    """
+    module = types.ModuleType("__main__")
+    module.__builtins__ = builtins  # type: ignore[attr-defined]
+    sys.modules["__main__"] = module
+    runpy._run_module_as_main(name, alter_argv)  # type: ignore[attr-defined]
+
+
+# The runner's frame is the last before the user's: a traceback starts after it.
+_RUNNER_CODES = frozenset({_run_source.__code__, _run_as_main.__code__})
 
 
 def _set_path0(entry: str) -> None:
@@ -398,7 +438,3 @@ def _set_path0(entry: str) -> None:
         sys.path[0] = entry
     else:
         sys.path.insert(0, entry)
-
-
-def _discard(_: object) -> None:
-    return None

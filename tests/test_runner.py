@@ -6,11 +6,13 @@ import contextlib
 import io
 import json
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
 from loops import BUGGY_SCRIPT, CORRECT_SCRIPT
 from test_logs import FIELDS as JSON_FIELDS
@@ -255,3 +257,157 @@ def test_a_teacher_head_used_as_a_raw_weight(tmp_path: Path, subprocess_env, var
         assert last.startswith("GG302 unoptimized-parameter:"), proc.stderr
         assert "at step 27 " in last
         assert "params [teacher.head.weight]" in last
+
+
+# Scripts that fail in each way a script can end, with the files they need.
+FAILING = {
+    "exception": {"main.py": "def fail():\n    raise ValueError('bad batch')\n\n\nfail()\n"},
+    "raised-keyboard-interrupt": {
+        "main.py": "def stop():\n    raise KeyboardInterrupt\n\n\nstop()\n"
+    },
+    "sigint": {
+        "main.py": "import os\nimport signal\n\n\ndef stop():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n\n\nstop()\n"
+    },
+    "exit-with-a-message": {"main.py": "import sys\n\nsys.exit('stopped: no data in data/')\n"},
+    "error-importing-a-module": {
+        "main.py": "import helpers\n",
+        "helpers.py": "import json\n\nCONFIG = json.loads('{')\n",
+    },
+    "error-under-dash-m": {
+        "pkg/__init__.py": "",
+        "pkg/train.py": "def fail():\n    raise ValueError('bad batch')\n\n\nfail()\n",
+    },
+    "keyboard-interrupt-under-dash-m": {
+        "pkg/__init__.py": "",
+        "pkg/train.py": "raise KeyboardInterrupt\n",
+    },
+    "package-import-error-under-dash-m": {
+        "pkg/__init__.py": "raise ImportError('pkg needs a GPU build')\n",
+        "pkg/train.py": "",
+    },
+    "no-such-module-under-dash-m": {"pkg/__init__.py": ""},
+    "directory-with-main": {"app/__main__.py": "raise ValueError('bad batch')\n"},
+}
+TARGETS = {"main.py": ["main.py"], "pkg/__init__.py": ["-m", "pkg.train"]}
+
+# pip's console-script launcher, as it installs the `gradguard` command.
+LAUNCHER = """\
+import re
+import sys
+from gradguard.cli import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+
+
+# The launcher matters where the exception leaves the runner through it: Ctrl-C.
+LAUNCHES = [(case, "python -m gradguard") for case in FAILING] + [
+    (case, "gradguard command")
+    for case in ("raised-keyboard-interrupt", "sigint", "keyboard-interrupt-under-dash-m")
+]
+
+
+@pytest.mark.parametrize(("case", "launcher"), LAUNCHES)
+def test_a_failing_script_reads_as_under_python(
+    case: str, launcher: str, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    """Whatever ends the script (an exception, Ctrl-C or SIGINT, sys.exit with a message, an
+    error at import, under -m or from a directory), stderr and the exit code are python's:
+    the same traceback line for line, after gradguard's one summary line."""
+    _write(tmp_path, FAILING[case])
+    target = next((t for name, t in TARGETS.items() if name in FAILING[case]), ["app"])
+    plain = _python(*target, cwd=tmp_path)
+    if launcher == "gradguard command":
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "gradguard").write_text(LAUNCHER, encoding="utf-8")
+        guarded = _python("bin/gradguard", "run", *target, cwd=tmp_path)
+    else:
+        guarded = _python("-m", "gradguard", "run", *target, cwd=tmp_path)
+    assert plain.stderr, "the case must fail"
+    assert guarded.stderr.splitlines() == [NOTHING_STEPPED, *plain.stderr.splitlines()]
+    assert (guarded.returncode, guarded.stdout) == (plain.returncode, plain.stdout)
+
+
+@pytest.mark.parametrize("how", ["raise", "os.kill"])
+def test_ctrl_c_exits_as_python_does(how: str, tmp_path: Path, subprocess_env) -> None:
+    """A KeyboardInterrupt the script does not catch ends the run killed by SIGINT,
+    as under python (a shell shows 130); its own excepthook sees only its frames."""
+    stop = "raise KeyboardInterrupt" if how == "raise" else "os.kill(os.getpid(), signal.SIGINT)"
+    (tmp_path / "main.py").write_text(
+        "import os\nimport signal\nimport sys\n\n\n"
+        "def hook(kind, value, tb):\n"
+        "    print('hook:', kind.__name__, tb.tb_frame.f_code.co_filename, file=sys.stderr)\n\n\n"
+        f"sys.excepthook = hook\n{stop}\n",
+        encoding="utf-8",
+    )
+    plain = _python("main.py", cwd=tmp_path)
+    guarded = _python("-m", "gradguard", "run", "main.py", cwd=tmp_path)
+    assert plain.returncode == guarded.returncode == -signal.SIGINT
+    assert plain.stderr == f"hook: KeyboardInterrupt {tmp_path / 'main.py'}\n"
+    assert guarded.stderr == NOTHING_STEPPED + "\n" + plain.stderr
+    shell = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -m gradguard run main.py; echo "status $?"'],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert shell.stdout == "status 130\n"
+
+
+STRICT_LOOP = """\
+import sys
+
+import torch
+from torch import nn
+
+if "--plain" in sys.argv:
+    import gradguard
+
+    gradguard.install(mode="strict")
+
+
+def train():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model(torch.randn(8, 2)).pow(2).mean().backward()
+        opt.zero_grad()
+        opt.step()
+
+
+train()
+"""
+
+
+def _traceback(stderr: str, end: str) -> list[str]:
+    """The lines of stderr's traceback, up to the first line starting with ``end``."""
+    lines = stderr.splitlines()
+    lines = lines[lines.index("Traceback (most recent call last):") :]
+    return lines[: next(i for i, line in enumerate(lines) if line.startswith(end))]
+
+
+@pytest.mark.parametrize("target", [["train.py"], ["-m", "loops.train"]])
+def test_a_strict_finding_shows_pythons_traceback_up_to_the_step(
+    target: list[str], tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    """A strict finding under the runner shows the frames python shows for it (runpy's under
+    -m), ending at the script's own opt.step() line, before torch's and gradguard's."""
+    files = {"train.py": STRICT_LOOP, "loops/__init__.py": "", "loops/train.py": STRICT_LOOP}
+    _write(tmp_path, files)
+    plain = _python(*target, "--plain", cwd=tmp_path)
+    guarded = _python("-m", "gradguard", "run", "--mode", "strict", *target, cwd=tmp_path)
+    assert plain.returncode == guarded.returncode == 1
+    torch_frame = f'  File "{Path(torch.__file__).parent}'
+    frames = _traceback(plain.stderr, torch_frame)
+    assert frames[-1] == "    opt.step()"
+    assert _traceback(guarded.stderr, "gradguard.ClearedBeforeStepError (mode=strict") == frames

@@ -7,6 +7,8 @@ parameters.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from support import require
@@ -177,3 +179,34 @@ def test_capturable_optimizers_on_cuda(cls):
             net(x).pow(2).mean().backward()
             opt.step()
     assert [f.code for f in g.findings] == ["GG101"]
+
+
+# The line of sam_family that steps each kind: where its findings must point.
+SAM_STEP_LINES = {
+    "GSAM": "            opt.step()  # runs the stored closure: no closure argument",
+    "SAM": "            opt.step(closure)",
+}
+
+
+@pytest.mark.parametrize("kind", ["GSAM", "SAM"])
+def test_a_finding_inside_a_sam_step_names_the_users_line(kind):
+    """GSAM and SAM step their base optimizer inside their own step(): a finding there
+    (a model left in eval mode, GG303) names the user's opt.step() line, not pytorch-optimizer's."""
+    guards: list[gradguard.Guard] = []
+
+    def wrap(opt, net):
+        net.eval()
+        gradguard.guard(opt.base_optimizer, model=net, mode="log")
+        guards.append(gradguard.guard_of(opt.base_optimizer))
+        return opt
+
+    sam_family(kind, wrap)
+    (guard,) = guards
+    guard.close()
+    with open(__file__, encoding="utf-8") as f:
+        lines = [text.rstrip("\n") for text in f]
+    start = next(i for i, text in enumerate(lines) if text.startswith("def sam_family("))
+    line = lines.index(SAM_STEP_LINES[kind], start) + 1
+    assert [(f.code, f.location) for f in guard.findings] == [
+        ("GG303", f"{os.path.relpath(__file__)}:{line}")
+    ]
