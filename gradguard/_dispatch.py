@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import sys
 import threading
 import traceback
 import warnings
@@ -13,9 +12,10 @@ from typing import Any, Literal
 
 import structlog
 
-from gradguard._exceptions import ERRORS, WARNINGS, GradGuardInternalError
+from gradguard._exceptions import ERRORS, WARNINGS, GradGuardInternalError, GradGuardWarning
 from gradguard._findings import CATALOGUE, Finding
 from gradguard._jsonlog import _distributed
+from gradguard._stderr import say
 
 Mode = Literal["warn", "strict", "log"]
 MODES: tuple[Mode, ...] = ("warn", "strict", "log")
@@ -193,13 +193,18 @@ class Reporter:
     def _emit(self, finding: Finding, filename: str, lineno: int) -> None:
         emit_event(finding, console=self.mode != "warn")
         if self.mode == "warn":
-            warnings.warn_explicit(
-                WARNINGS[finding.code](finding),
-                category=WARNINGS[finding.code],
-                filename=filename,
-                lineno=lineno,
-                module=_module_name(filename),
-            )
+            try:
+                warnings.warn_explicit(
+                    WARNINGS[finding.code](finding),
+                    category=WARNINGS[finding.code],
+                    filename=filename,
+                    lineno=lineno,
+                    module=_module_name(filename),
+                )
+            except GradGuardWarning:
+                raise  # the user's filters made it an error (-W error): theirs to see
+            except Exception as exc:  # showing it failed (a closed stderr, the user's showwarning)
+                say(f"gradguard: {finding.message} (showing it as a warning failed: {exc!r})")
         elif self.mode == "strict" and finding.level != "info":
             raise ERRORS[finding.code](finding.message, finding)
 
@@ -231,7 +236,7 @@ class Reporter:
         try:
             _log().error("internal-error", where=where, error=error, traceback=text, note=note)
         except Exception:  # the user's log pipeline is broken too: never let that stop training
-            print(f"gradguard: internal-error in {where}: {error}; {note}\n{text}", file=sys.stderr)
+            say(f"gradguard: internal-error in {where}: {error}; {note}\n{text}")
         if self.mode == "strict":
             raise GradGuardInternalError(
                 f"gradguard failed internally in {where} ({type(exc).__name__}: {exc}) "
@@ -296,7 +301,7 @@ class _StderrLogger:
     """Writes each rendered line to the current ``sys.stderr``, looked up per call."""
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        say(message)
 
     info = warning = error = debug = critical = msg
 
