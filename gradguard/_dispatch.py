@@ -233,10 +233,12 @@ class Reporter:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         error = f"{type(exc).__name__}: {exc}"
         note = "gradguard disabled this guard; training continues unchanged"
-        try:
-            _log().error("internal-error", where=where, error=error, traceback=text, note=note)
-        except Exception:  # the user's log pipeline is broken too: never let that stop training
-            say(f"gradguard: internal-error in {where}: {error}; {note}\n{text}")
+        _send(
+            "error",
+            "internal-error",
+            {"where": where, "error": error, "traceback": text, "note": note},
+            plain=f"gradguard: internal-error in {where}: {error}; {note}\n{text}",
+        )
         if self.mode == "strict":
             raise GradGuardInternalError(
                 f"gradguard failed internally in {where} ({type(exc).__name__}: {exc}) "
@@ -254,24 +256,23 @@ def emit_event(finding: Finding, *, console: bool) -> None:
     """
     if not structlog.is_configured() and not console:
         return
-    method = {"info": "info", "warning": "warning", "error": "error"}[finding.level]
-    getattr(_log(), method)(
-        finding.name,
-        code=finding.code,
-        step=finding.step,
-        optimizer=finding.optimizer,
-        params=list(finding.params),
-        location=finding.location,
-        hint=finding.hint,
+    fields = {
+        "code": finding.code,
+        "step": finding.step,
+        "optimizer": finding.optimizer,
+        "params": list(finding.params),
+        "location": finding.location,
+        "hint": finding.hint,
         # not "message": the stdlib logging bridge refuses to overwrite LogRecord.message
-        report=finding.message,
+        "report": finding.message,
         **_rank_fields(),
-    )
+    }
+    _send(finding.level, finding.name, fields, plain=f"gradguard: {finding.message}")
 
 
 def emit_info(event: str, **fields: Any) -> None:
     """Log an informational event that is not a finding, such as a skipped AMP step."""
-    _log().info(event, **fields, **_rank_fields())
+    _send("info", event, {**fields, **_rank_fields()})
 
 
 def _rank_fields() -> dict[str, int]:
@@ -280,10 +281,77 @@ def _rank_fields() -> dict[str, int]:
     return {} if dist is None else {"rank": dist[0], "world_size": dist[1]}
 
 
-def _log() -> Any:
-    """The user's structlog pipeline if configured, else a stderr console logger."""
+def _send(method: str, event: str, fields: dict[str, Any], plain: str | None = None) -> None:
+    """Log ``event`` through the user's structlog pipeline if configured, else to stderr.
+
+    Never raises. A pipeline that raises is the user's to fix, not a reason
+    to lose the event: it goes to stderr as one ``plain`` line (by default
+    the event and its fields), and the failure is said once per pipeline.
+    """
     if structlog.is_configured():
-        return _logger
+        try:
+            getattr(_logger, method)(event, **fields)
+        except Exception as exc:
+            _pipeline_failed(exc, event)
+            say(plain if plain is not None else _plain(event, fields))
+        return
+    try:
+        getattr(_console(), method)(event, **fields)
+    except Exception:  # gradguard's own console cannot render it: the plain line, then
+        say(plain if plain is not None else _plain(event, fields))
+
+
+def _plain(event: str, fields: dict[str, Any]) -> str:
+    """``gradguard: event key=value ...``: an event as one line, with no pipeline."""
+    return " ".join([f"gradguard: {event}", *(f"{k}={v}" for k, v in fields.items())])
+
+
+_FAILED_PIPELINE: list[object] = []  # the configuration whose failure was said
+_FAILED_LOCK = threading.Lock()
+
+
+def _pipeline_failed(exc: Exception, event: str) -> None:
+    """Say once per structlog configuration that it raised, and where."""
+    config = structlog.get_config()
+    pipeline = [config["processors"], config["logger_factory"], config["wrapper_class"]]
+    with _FAILED_LOCK:
+        if len(_FAILED_PIPELINE) == len(pipeline) and all(
+            a is b for a, b in zip(_FAILED_PIPELINE, pipeline, strict=True)
+        ):
+            return
+        _FAILED_PIPELINE[:] = pipeline
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    say(
+        f"gradguard: your structlog configuration raised {type(exc).__name__}: {exc}{where} "
+        f"on gradguard's {event!r} event; gradguard writes the events it cannot take to "
+        "stderr instead; training continues unchanged"
+    )
+
+
+class _Logger:
+    """gradguard's logger: `_send` for each event, so logging never fails the job."""
+
+    def info(self, event: str, **fields: Any) -> None:
+        _send("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        _send("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        _send("error", event, fields)
+
+
+_LOGGER = _Logger()
+
+
+def _log() -> _Logger:
+    """The logger for gradguard's events: the user's structlog pipeline or stderr."""
+    return _LOGGER
+
+
+def _console() -> Any:
+    """The stderr console logger used while structlog is not configured."""
     global _fallback
     if _fallback is None:
         _fallback = structlog.wrap_logger(

@@ -1,10 +1,10 @@
-"""Faults injected around gradguard (files, streams): the job never notices.
+"""Faults injected around gradguard (files, streams, the user's pipeline): the job never notices.
 
 Each test injects one real fault (``/dev/full``, a reader gone from a pipe,
-a directory removed, a file-size limit, a closed or missing stderr) and
-checks what the user sees: the script's exit code and stdout as without the
-fault, every finding still reported, and one line on stderr saying what was
-lost.
+a directory removed, a file-size limit, a closed or missing stderr, a
+structlog processor that raises) and checks what the user sees: the
+script's exit code and stdout as without the fault, every finding still
+reported, and one line on stderr saying what was lost.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 import torch
 from loops import BUGGY_SCRIPT, CORRECT_SCRIPT, train
 from test_pytest_plugin import LOOPS, _run
@@ -329,3 +331,83 @@ def test_a_stderr_that_cannot_be_written_changes_nothing(
     records = log.read_text().splitlines()
     assert '"code": "GG102"' in records[0]
     assert records[-1].startswith('{"event": "summary", "counts": {"GG102": ')
+
+
+# -- a structlog pipeline that raises --------------------------------------------
+
+
+def _broken(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    raise ValueError("the user's processor is broken")
+
+
+BROKEN_LINE = re.compile(
+    r"gradguard: your structlog configuration raised ValueError: the user's processor is "
+    r"broken at .*test_faults\.py:\d+ on gradguard's 'cleared-before-step' event; gradguard "
+    r"writes the events it cannot take to stderr instead; training continues unchanged"
+)
+
+
+def _plain_findings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("gradguard: GG102 ")]
+
+
+def test_a_raising_pipeline_in_log_mode_loses_no_finding(capsys) -> None:
+    """Each finding reaches stderr as a plain line, the failure is said once, guards stay on."""
+    structlog.configure(processors=[_broken])
+    gradguard.install(mode="log")
+    train(bug=True)
+    train(bug=True)  # a second optimizer: a second finding through the broken pipeline
+    rows = gradguard.uninstall()
+    assert [(r.code, r.count) for r in rows] == [("GG102", 6)]  # every step judged
+    err = capsys.readouterr().err
+    assert [bool(BROKEN_LINE.fullmatch(line)) for line in err.splitlines()].count(True) == 1
+    plain = _plain_findings(err)
+    assert [re.search(r"of SGD#\d+", line) is not None for line in plain] == [True, True]
+    assert "internal-error" not in err
+    assert "gradguard: 6 findings (mode=log)" in err
+
+
+def test_a_raising_pipeline_in_warn_mode_still_warns(capsys) -> None:
+    """The warning is issued as usual, with the plain line and the failure said once."""
+    structlog.configure(processors=[_broken])
+    gradguard.install(mode="warn")
+    with pytest.warns(gradguard.ClearedBeforeStepWarning, match="GG102"):
+        train(bug=True)
+    assert [(r.code, r.count) for r in gradguard.uninstall()] == [("GG102", 3)]
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if BROKEN_LINE.fullmatch(line)] != []
+    assert len(_plain_findings(err)) == 1
+    assert "internal-error" not in err
+
+
+def test_a_raising_pipeline_in_strict_mode_raises_the_finding(capsys) -> None:
+    """Strict mode raises the finding's own error, not GradGuardInternalError."""
+    structlog.configure(processors=[_broken])
+    gradguard.install(mode="strict")
+    with pytest.raises(gradguard.ClearedBeforeStepError, match="GG102") as info:
+        train(bug=True)
+    assert not isinstance(info.value, gradguard.GradGuardInternalError)
+    assert info.value.finding is not None
+    assert info.value.finding.code == "GG102"
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if BROKEN_LINE.fullmatch(line)]) == 1
+    assert len(_plain_findings(err)) == 1
+    assert "please report" not in err
+
+
+def test_a_raising_pipeline_under_gradguard_run_keeps_the_exit_code(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    """A script whose own structlog setup raises: exit 0, stdout, the finding and the summary."""
+    (tmp_path / "train.py").write_text(
+        "import structlog\n\n"
+        "def broken(logger, method, event):\n"
+        '    raise ValueError("the user\'s processor is broken")\n\n'
+        "structlog.configure(processors=[broken])\n" + BUGGY_SCRIPT
+    )
+    proc = _python(["-m", "gradguard", "run", "--mode", "log", "train.py"], tmp_path)
+    assert (proc.returncode, proc.stdout) == (0, "trained\n"), proc.stderr
+    assert proc.stderr.count("your structlog configuration raised ValueError") == 1
+    assert "train.py:4 on gradguard's 'cleared-before-step' event" in proc.stderr
+    assert len(_plain_findings(proc.stderr)) == 1
+    assert "gradguard: 3 findings (mode=log)" in proc.stderr
