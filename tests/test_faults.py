@@ -4,7 +4,8 @@ Each test injects one real fault (``/dev/full``, a reader gone from a pipe,
 a directory removed, a file-size limit, a closed or missing stderr, a
 structlog processor that raises) and checks what the user sees: the
 script's exit code and stdout as without the fault, every finding still
-reported, and one line on stderr saying what was lost.
+reported, and one line on stderr saying what was lost. The README's
+Reliability table lists them.
 """
 
 from __future__ import annotations
