@@ -271,10 +271,14 @@ class ChildLog:
     def _open(self) -> JsonLog | None:
         if self._log is None and not self._broken:
             try:
-                self._log = JsonLog(self.path, "the run's directory")
+                label = f"process {os.getpid()}'s report to the run that started it ({self.path})"
+                self._log = JsonLog(self.path, "the run's directory", label)
             except (OSError, ValueError) as exc:  # the run ended and removed it
                 self._broken = True
-                _say(f"cannot report to the run that started it: {exc}")
+                _say(
+                    f"cannot report to the run that started it ({exc}): its findings are "
+                    "not in the run's log or summary"
+                )
                 return None
             atexit.register(self._closer)
             util = sys.modules.get("multiprocessing.util")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import sys
 import threading
 import traceback
 import warnings
@@ -13,9 +12,10 @@ from typing import Any, Literal
 
 import structlog
 
-from gradguard._exceptions import ERRORS, WARNINGS, GradGuardInternalError
+from gradguard._exceptions import ERRORS, WARNINGS, GradGuardInternalError, GradGuardWarning
 from gradguard._findings import CATALOGUE, Finding
 from gradguard._jsonlog import _distributed
+from gradguard._stderr import say
 
 Mode = Literal["warn", "strict", "log"]
 MODES: tuple[Mode, ...] = ("warn", "strict", "log")
@@ -193,13 +193,18 @@ class Reporter:
     def _emit(self, finding: Finding, filename: str, lineno: int) -> None:
         emit_event(finding, console=self.mode != "warn")
         if self.mode == "warn":
-            warnings.warn_explicit(
-                WARNINGS[finding.code](finding),
-                category=WARNINGS[finding.code],
-                filename=filename,
-                lineno=lineno,
-                module=_module_name(filename),
-            )
+            try:
+                warnings.warn_explicit(
+                    WARNINGS[finding.code](finding),
+                    category=WARNINGS[finding.code],
+                    filename=filename,
+                    lineno=lineno,
+                    module=_module_name(filename),
+                )
+            except GradGuardWarning:
+                raise  # the user's filters made it an error (-W error): theirs to see
+            except Exception as exc:  # showing it failed (a closed stderr, the user's showwarning)
+                say(f"gradguard: {finding.message} (showing it as a warning failed: {exc!r})")
         elif self.mode == "strict" and finding.level != "info":
             raise ERRORS[finding.code](finding.message, finding)
 
@@ -228,10 +233,12 @@ class Reporter:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         error = f"{type(exc).__name__}: {exc}"
         note = "gradguard disabled this guard; training continues unchanged"
-        try:
-            _log().error("internal-error", where=where, error=error, traceback=text, note=note)
-        except Exception:  # the user's log pipeline is broken too: never let that stop training
-            print(f"gradguard: internal-error in {where}: {error}; {note}\n{text}", file=sys.stderr)
+        _send(
+            "error",
+            "internal-error",
+            {"where": where, "error": error, "traceback": text, "note": note},
+            plain=f"gradguard: internal-error in {where}: {error}; {note}\n{text}",
+        )
         if self.mode == "strict":
             raise GradGuardInternalError(
                 f"gradguard failed internally in {where} ({type(exc).__name__}: {exc}) "
@@ -249,24 +256,23 @@ def emit_event(finding: Finding, *, console: bool) -> None:
     """
     if not structlog.is_configured() and not console:
         return
-    method = {"info": "info", "warning": "warning", "error": "error"}[finding.level]
-    getattr(_log(), method)(
-        finding.name,
-        code=finding.code,
-        step=finding.step,
-        optimizer=finding.optimizer,
-        params=list(finding.params),
-        location=finding.location,
-        hint=finding.hint,
+    fields = {
+        "code": finding.code,
+        "step": finding.step,
+        "optimizer": finding.optimizer,
+        "params": list(finding.params),
+        "location": finding.location,
+        "hint": finding.hint,
         # not "message": the stdlib logging bridge refuses to overwrite LogRecord.message
-        report=finding.message,
+        "report": finding.message,
         **_rank_fields(),
-    )
+    }
+    _send(finding.level, finding.name, fields, plain=f"gradguard: {finding.message}")
 
 
 def emit_info(event: str, **fields: Any) -> None:
     """Log an informational event that is not a finding, such as a skipped AMP step."""
-    _log().info(event, **fields, **_rank_fields())
+    _send("info", event, {**fields, **_rank_fields()})
 
 
 def _rank_fields() -> dict[str, int]:
@@ -275,10 +281,77 @@ def _rank_fields() -> dict[str, int]:
     return {} if dist is None else {"rank": dist[0], "world_size": dist[1]}
 
 
-def _log() -> Any:
-    """The user's structlog pipeline if configured, else a stderr console logger."""
+def _send(method: str, event: str, fields: dict[str, Any], plain: str | None = None) -> None:
+    """Log ``event`` through the user's structlog pipeline if configured, else to stderr.
+
+    Never raises. A pipeline that raises is the user's to fix, not a reason
+    to lose the event: it goes to stderr as one ``plain`` line (by default
+    the event and its fields), and the failure is said once per pipeline.
+    """
     if structlog.is_configured():
-        return _logger
+        try:
+            getattr(_logger, method)(event, **fields)
+        except Exception as exc:
+            _pipeline_failed(exc, event)
+            say(plain if plain is not None else _plain(event, fields))
+        return
+    try:
+        getattr(_console(), method)(event, **fields)
+    except Exception:  # gradguard's own console cannot render it: the plain line, then
+        say(plain if plain is not None else _plain(event, fields))
+
+
+def _plain(event: str, fields: dict[str, Any]) -> str:
+    """``gradguard: event key=value ...``: an event as one line, with no pipeline."""
+    return " ".join([f"gradguard: {event}", *(f"{k}={v}" for k, v in fields.items())])
+
+
+_FAILED_PIPELINE: list[object] = []  # the configuration whose failure was said
+_FAILED_LOCK = threading.Lock()
+
+
+def _pipeline_failed(exc: Exception, event: str) -> None:
+    """Say once per structlog configuration that it raised, and where."""
+    config = structlog.get_config()
+    pipeline = [config["processors"], config["logger_factory"], config["wrapper_class"]]
+    with _FAILED_LOCK:
+        if len(_FAILED_PIPELINE) == len(pipeline) and all(
+            a is b for a, b in zip(_FAILED_PIPELINE, pipeline, strict=True)
+        ):
+            return
+        _FAILED_PIPELINE[:] = pipeline
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    say(
+        f"gradguard: your structlog configuration raised {type(exc).__name__}: {exc}{where} "
+        f"on gradguard's {event!r} event; gradguard writes the events it cannot take to "
+        "stderr instead; training continues unchanged"
+    )
+
+
+class _Logger:
+    """gradguard's logger: `_send` for each event, so logging never fails the job."""
+
+    def info(self, event: str, **fields: Any) -> None:
+        _send("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        _send("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        _send("error", event, fields)
+
+
+_LOGGER = _Logger()
+
+
+def _log() -> _Logger:
+    """The logger for gradguard's events: the user's structlog pipeline or stderr."""
+    return _LOGGER
+
+
+def _console() -> Any:
+    """The stderr console logger used while structlog is not configured."""
     global _fallback
     if _fallback is None:
         _fallback = structlog.wrap_logger(
@@ -296,7 +369,7 @@ class _StderrLogger:
     """Writes each rendered line to the current ``sys.stderr``, looked up per call."""
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        say(message)
 
     info = warning = error = debug = critical = msg
 

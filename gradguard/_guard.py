@@ -55,6 +55,7 @@ from gradguard._ranks import start as start_rank_check
 from gradguard._session import session_defaults
 from gradguard._sharded import is_sharded
 from gradguard._sharded import sources as sharded_sources
+from gradguard._stderr import say
 from gradguard._tracker import (
     REGISTRY,
     STEPS,
@@ -1401,7 +1402,7 @@ def _settle_at_exit() -> None:
     try:
         settle_all()
     except Exception as exc:  # the interpreter is going away; say what, never raise
-        print(f"gradguard: {type(exc).__name__}: {exc}", file=sys.stderr)
+        say(f"gradguard: {type(exc).__name__}: {exc}")
 
 
 atexit.register(_settle_at_exit)

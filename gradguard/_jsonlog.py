@@ -6,6 +6,10 @@ Every finding record holds ``code``, ``event``, ``level``, ``step``,
 plus ``rank`` and ``world_size`` when ``torch.distributed`` is initialised.
 When the log closes after findings, one ``"event": "summary"`` record gives
 how often each code fired, repeats included, for ``gradguard report``.
+
+A log that cannot be written (a full disk, a reader gone from a pipe, a
+directory removed under it) never fails the job: writing stops, and when the
+log closes one line on stderr says what was lost.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from gradguard._findings import Finding
+from gradguard._stderr import say
 
 RANK_PLACEHOLDER = "{rank}"
 # Per-step records (record_norms) are written in batches, so that a step pays
@@ -82,16 +87,34 @@ class JsonLog:
     shows that gradguard ran even when nothing was found. Each write appends
     whole lines, so several processes sharing a path interleave whole lines.
     A finding is written at once; per-step records are batched.
+
+    Once a write fails, nothing more is written (the file would hold
+    fragments); the records are counted instead, and `close` says once on
+    stderr what was lost and why. ``label`` names the log in that line.
+
+    Raises:
+        TypeError, ValueError: ``path`` is no file path, or the system
+            refuses to create it (as `resolve_path`, and naming ``source``).
     """
 
-    def __init__(self, path: object, source: str = "log_json") -> None:
+    def __init__(self, path: object, source: str = "log_json", label: str | None = None) -> None:
         self.path = resolve_path(path, source)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        self._file: IO[str] | None = os.fdopen(fd, "w", encoding="utf-8")
+        try:
+            self._fd: int | None = os.open(
+                self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644
+            )
+        except OSError as exc:
+            raise ValueError(
+                f"{source}={self.path!r} cannot be created: {type(exc).__name__}: {exc}"
+            ) from None
+        self._label = label or f"the JSON log {self.path}"
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
-        self._batch: list[str] = []
+        self._batch: list[tuple[str, str]] = []  # (kind, line): what a failure loses
         self._written = time.monotonic()
+        self._lines: dict[str, int] = {}  # written so far, per kind
+        self._failure: str | None = None  # why writing stopped
+        self._lost: dict[str, int] = {}
 
     def __call__(self, finding: Finding, first: bool) -> None:
         """Write ``finding`` if it is new; repeats are only counted, for the summary record."""
@@ -112,9 +135,9 @@ class JsonLog:
         """
         line = json.dumps(with_origin(dict(obj)), ensure_ascii=False) + "\n"
         with self._lock:
-            if self._file is None:
+            if self._fd is None:
                 return
-            self._batch.append(line)
+            self._batch.append((kind_of(obj), line))
             if (
                 len(self._batch) >= _BATCH_LINES
                 or time.monotonic() - self._written > _BATCH_SECONDS
@@ -136,9 +159,11 @@ class JsonLog:
         The records are written as they are, with that process's ``pid``,
         ``timestamp`` and rank; the summary record at `close` counts them too.
         """
-        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in (*findings, *norms)]
+        lines = [
+            (kind_of(r), json.dumps(r, ensure_ascii=False) + "\n") for r in (*findings, *norms)
+        ]
         with self._lock:
-            if self._file is None:
+            if self._fd is None:
                 return
             for code, n in counts.items():
                 self._counts[code] = self._counts.get(code, 0) + n
@@ -148,35 +173,96 @@ class JsonLog:
     def _append(self, obj: dict[str, Any]) -> None:
         line = json.dumps(obj, ensure_ascii=False) + "\n"
         with self._lock:
-            if self._file is None:
+            if self._fd is None:
                 return
-            self._batch.append(line)  # after the queued records: the file stays in order
+            # after the queued records: the file stays in order
+            self._batch.append((kind_of(obj), line))
             self._write_batch()
 
     def _write_batch(self) -> None:
-        """Write the queued lines in one call; the lock is held."""
-        assert self._file is not None
-        self._file.write("".join(self._batch))
-        self._file.flush()
-        self._batch.clear()
+        """Write the queued lines in one call, or count them lost; the lock is held."""
+        batch, self._batch = self._batch, []
         self._written = time.monotonic()
+        if not batch:
+            return
+        if self._failure is None:
+            data = "".join(line for _, line in batch).encode("utf-8")
+            try:
+                assert self._fd is not None
+                while data:  # a write to a regular file is whole, but never assume it
+                    data = data[os.write(self._fd, data) :]
+            except Exception as exc:  # never the job's failure: said once, at close
+                self._failure = f"{type(exc).__name__}: {exc}"
+        tally = self._lines if self._failure is None else self._lost
+        for kind, _ in batch:
+            tally[kind] = tally.get(kind, 0) + 1
 
     def close(self) -> None:
         """Write the summary record if anything was found, then close the file; idempotent.
 
         A file holding findings but no summary comes from a run that did not
         finish; ``gradguard report`` then counts each distinct finding once.
+        What could not be written, or went to a file removed meanwhile, is
+        said here, once, on stderr.
         """
         with self._lock:
-            counts = dict(sorted(self._counts.items())) if self._file is not None else {}
+            counts = dict(sorted(self._counts.items())) if self._fd is not None else {}
             self._counts.clear()
         if counts:
             self._append(stamp({"event": "summary", "counts": counts}))
         with self._lock:
-            if self._file is not None:
-                self._write_batch()
-                self._file.close()
-                self._file = None
+            if self._fd is None:
+                return
+            self._write_batch()
+            fd, self._fd = self._fd, None
+            try:
+                removed = os.fstat(fd).st_nlink == 0
+            except OSError:
+                removed = False
+            try:
+                os.close(fd)
+            except OSError as exc:  # NFS reports a failed write at close: none is sure
+                self._failure = self._failure or f"{type(exc).__name__}: {exc}"
+                for kind, n in self._lines.items():
+                    self._lost[kind] = self._lost.get(kind, 0) + n
+        if self._failure is not None:
+            say(
+                f"gradguard: could not write {self._label} ({self._failure}); "
+                f"lost: {describe(self._lost)}; training was not affected"
+            )
+        elif removed and self._lines:
+            say(
+                f"gradguard: {self._label} was removed while gradguard wrote it; "
+                f"lost: {describe(self._lines)}; training was not affected"
+            )
+
+
+_KINDS = {  # kind: (one, many), in the order `describe` names them
+    "finding": ("1 finding", "{n} findings"),
+    "norms": ("1 step's norms", "{n} steps' norms"),
+    "summary": ("the summary", "{n} summaries"),
+    "other": ("1 other record", "{n} other records"),
+}
+
+
+def kind_of(obj: dict[str, Any]) -> str:
+    """What a record is, as `describe` counts it: a finding, norms, the summary or other."""
+    if "code" in obj:
+        return "finding"
+    event = obj.get("event")
+    return event if event in ("norms", "summary") else "other"
+
+
+def describe(counts: dict[str, int]) -> str:
+    """``1 finding, 299 steps' norms and the summary``; ``nothing`` for no records."""
+    parts = []
+    for kind, (one, many) in _KINDS.items():
+        n = counts.get(kind, 0)
+        if n:
+            parts.append(one if n == 1 else many.format(n=n))
+    if not parts:
+        return "nothing"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def record(finding: Finding) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from gradguard._findings import Finding
 from gradguard._jsonlog import JsonLog, now, record
 from gradguard._naming import REGISTRATIONS
 from gradguard._report import Record, Run, plural, render_table, wants_colour, width_for
+from gradguard._stderr import say
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +96,8 @@ class Session:
     With ``follow=True`` the Python processes started while it is active are
     guarded as well and report to it (see ``gradguard._children``); with
     ``child_of=DIRECTORY`` it is such a child's session, writing to its file
-    in that directory and printing no summary of its own.
+    in that directory and printing no summary of its own. ``log_source``
+    names ``log_json`` in the error a bad path raises (``--log-json``).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Session:
         *,
         ignore: frozenset[str] = frozenset(),
         log_json: object = None,
+        log_source: str = "log_json",
         verbose: bool = False,
         record_norms: bool = False,
         follow: bool = False,
@@ -128,7 +131,7 @@ class Session:
         if child_of is not None:
             self._log = ChildLog(child_of, self.stop_quietly)
         else:
-            self._log = None if log_json is None else JsonLog(log_json)
+            self._log = None if log_json is None else JsonLog(log_json, log_source)
         self._hook: RemovableHandle | None = None
         self._sinks: list[SinkHandle] = []
         self._wants_follow = follow
@@ -250,7 +253,7 @@ class Session:
             self.stop()
         except Exception as exc:  # GradGuardError included: its record was written first
             if getattr(exc, "finding", None) is None:
-                print(f"gradguard: {type(exc).__name__}: {exc}", file=sys.stderr)
+                say(f"gradguard: {type(exc).__name__}: {exc}")
 
     def _absorb(self, children: Run) -> None:
         """Take in what the followed children wrote: into the log, the summary, the verdict."""
@@ -376,7 +379,9 @@ class Session:
                 stepping_processes=len(children.stepping - {os.getpid()}),
             ),
         )
-        if text:
+        if text and file is None:
+            say(text)  # a broken stderr loses the summary, never the job
+        elif text:
             print(text, file=stream, flush=True)
 
 
@@ -465,8 +470,9 @@ def install(
 
     Raises:
         TypeError: ``record_norms`` is not a bool.
-        ValueError: unknown mode or code, ``log_json`` in a missing directory,
-            or ``record_norms`` without ``log_json``.
+        ValueError: unknown mode or code, ``log_json`` in a missing directory
+            or one the system refuses to create, or ``record_norms`` without
+            ``log_json``.
     """
     setting = validate_setting(mode)
     codes = validate_codes(ignore)
@@ -521,4 +527,4 @@ def _at_exit() -> None:
     try:
         uninstall()
     except Exception as exc:  # the interpreter is going away; say why, never hang
-        print(f"gradguard: {type(exc).__name__}: {exc}", file=sys.stderr)
+        say(f"gradguard: {type(exc).__name__}: {exc}")

@@ -39,8 +39,12 @@ def say(message: str) -> None:
     _said = True
     import contextlib
 
+    stream = sys.stderr
+    if stream is None:  # no stderr (2>&-): print(file=None) would write to stdout
+        return
     with contextlib.suppress(Exception):  # a closed stderr must not fail the child either
-        print(f"gradguard: process {os.getpid()}: {message}", file=sys.stderr, flush=True)
+        stream.write(f"gradguard: process {os.getpid()}: {message}\n")
+        stream.flush()
 
 
 def _say(exc: BaseException) -> None:

@@ -41,6 +41,7 @@ from gradguard._report import (
     width_for,
 )
 from gradguard._session import SETTINGS, Session, validate_setting
+from gradguard._stderr import say
 
 ENV_VAR = "GRADGUARD"
 _VALUE_OPTIONS = ("--mode", "--log-json", "--ignore")
@@ -186,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mode,
                 ignore=codes,
                 log_json=opts.log_json,
+                log_source="--log-json",
                 verbose=opts.verbose,
                 record_norms=opts.record_norms,
                 follow=True,
@@ -357,20 +359,18 @@ def _print_strict(exc: GradGuardError, mode: str) -> None:
     lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
     lines.append(f"{name} (mode={mode}: the first finding stops the script; use --mode warn):\n")
     message = exc.finding.message if exc.finding is not None else str(exc)
-    lines.append(message + "\n")
-    sys.stderr.write("".join(lines))
-    sys.stderr.flush()
+    lines.append(message)
+    say("".join(lines))
 
 
 def _print_child_strict(rec: Record, mode: str) -> None:
     """Report a strict-mode finding a child raised: the finding's message last."""
     error = ERRORS.get(str(rec.get("code")), GradGuardError)
-    sys.stderr.write(
+    say(
         f"gradguard.{error.__qualname__} in child process {rec.get('pid')} "
         f"(mode={mode}: a finding in a child process fails the run; use --mode warn):\n"
-        f"{rec.get('message')}\n"
+        f"{rec.get('message')}"
     )
-    sys.stderr.flush()
 
 
 def _prepare_path(path: str | None, args: list[str]) -> Runner | int:
