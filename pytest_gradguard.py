@@ -351,11 +351,15 @@ class FindingsRecorder:
 
         Raises:
             AssertionError: no finding with that code was recorded.
+            TypeError, ValueError: ``code`` is not a str, or not a finding code.
         """
+        from gradguard._dispatch import validate_codes
+
+        (wanted,) = validate_codes([code], "gradguard_findings.pop(code)")
         for i, finding in enumerate(self._findings):
-            if finding.code == code:
+            if finding.code == wanted:
                 return self._findings.pop(i)
-        raise AssertionError(f"no {code} finding was recorded; recorded: {self.codes}")
+        raise AssertionError(f"no {wanted} finding was recorded; recorded: {self.codes}")
 
     def clear(self) -> None:
         """Forget the findings recorded so far."""

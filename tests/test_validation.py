@@ -534,3 +534,25 @@ def test_marker_arguments(
         assert word in line
     assert "Traceback" not in result.stdout.str()
     assert "During handling" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        ("5", ("TypeError: gradguard_findings.pop(code) must hold finding codes as str; got 5",)),
+        (
+            "'GG999'",
+            ("ValueError: gradguard_findings.pop(code) names unknown finding code 'GG999'",),
+        ),
+    ],
+)
+def test_findings_fixture_pop(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, code: str, words: tuple[str, ...]
+) -> None:
+    """``gradguard_findings.pop`` given what is not a finding code says so, not "not recorded"."""
+    monkeypatch.delenv("GRADGUARD", raising=False)
+    pytester.makepyfile(f"def test_pop(gradguard_findings):\n    gradguard_findings.pop({code})\n")
+    result = pytester.runpytest_inprocess(*_plugin_args(), "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    for word in words:
+        assert any(word in line for line in result.stdout.lines), word
