@@ -15,15 +15,17 @@ import os
 import re
 import sys
 import types
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
 if TYPE_CHECKING:
     from gradguard._findings import Finding
     from gradguard._session import Session
+
+_T = TypeVar("_T")
 
 MODES = ("strict", "warn", "log", "off")
 ENV_VAR = "GRADGUARD"
@@ -78,27 +80,40 @@ class _BadSetting(ValueError):
 
 
 def _validate_mode(value: object, where: str) -> str:
-    if not isinstance(value, str) or value.strip().lower() not in MODES:
-        raise _BadSetting(
-            f"gradguard: invalid mode {value!r} from {where}; use one of: {', '.join(MODES)}"
-        )
-    return value.strip().lower()
+    """``value`` as a mode; a bad one gets the error gradguard gives it anywhere."""
+    if isinstance(value, str) and value.strip().lower() in MODES:
+        return value.strip().lower()
+    from gradguard._session import parse_setting  # only a bad value pays for the import
+
+    return _canonical(parse_setting, value, where)
 
 
 def _split_codes(value: object, where: str) -> tuple[str, ...]:
-    """Codes from ``"GG101,GG103"`` or a list, checked for shape; the catalogue is checked later."""
+    """Codes from ``"GG101,GG103"`` or a list, checked for shape; the catalogue is checked later.
+
+    A value of the wrong shape gets the error gradguard gives it anywhere.
+    """
     if isinstance(value, str):
-        items = [c for c in re.split(r"[\s,]+", value) if c]
+        items: list[object] = [c for c in re.split(r"[\s,]+", value) if c]
     elif isinstance(value, (list, tuple)):
         items = list(value)
     else:
-        raise _BadSetting(f"gradguard: invalid ignore {value!r} from {where}")
-    for code in items:
-        if not isinstance(code, str) or not re.fullmatch(r"GG\d{3}", code.upper()):
-            raise _BadSetting(
-                f"gradguard: invalid finding code {code!r} from {where}; codes look like GG101"
-            )
-    return tuple(c.upper() for c in items)
+        items = [value]
+    if isinstance(value, (str, list, tuple)) and all(
+        isinstance(code, str) and re.fullmatch(r"GG\d{3}", code.upper()) for code in items
+    ):
+        return tuple(str(c).upper() for c in items)
+    from gradguard._dispatch import validate_codes
+
+    return tuple(sorted(_canonical(validate_codes, value, where)))
+
+
+def _canonical(check: Callable[[object, str], _T], value: object, where: str) -> _T:
+    """``check(value, where)``, its TypeError or ValueError turned into a usage error."""
+    try:
+        return check(value, where)
+    except (TypeError, ValueError) as exc:
+        raise _BadSetting(f"gradguard: {exc}") from None
 
 
 def _settings(config: pytest.Config) -> Settings:
@@ -145,7 +160,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except _BadSetting as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_SETTINGS] = settings
-    if settings.log_json:
+    if settings.log_json is not None:
         from gradguard._dispatch import add_record_sink, add_sink
         from gradguard._jsonlog import JsonLog
 
@@ -170,10 +185,7 @@ def _check_codes(codes: tuple[str, ...], where: str) -> frozenset[str]:
     """Check ``codes`` against the catalogue; imports gradguard (and so torch)."""
     from gradguard._dispatch import validate_codes
 
-    try:
-        return validate_codes(codes, where)
-    except ValueError as exc:
-        raise _BadSetting(f"gradguard: {exc}") from None
+    return _canonical(validate_codes, codes, where)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -188,11 +200,16 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return "gradguard: " + ", ".join(parts)
 
 
-def _item_mode(item: pytest.Item, settings: Settings) -> tuple[str, tuple[str, ...]]:
-    """This test's mode and ignored codes: marker, then the fixture, then the run's."""
-    mode, ignore = settings.mode, settings.ignore
+def _item_mode(item: pytest.Item, settings: Settings) -> tuple[str, frozenset[str]]:
+    """This test's mode and ignored codes: marker, then the fixture, then the run's.
+
+    The codes are checked against the catalogue only when the test runs guarded.
+    """
+    mode = settings.mode
     marker = item.get_closest_marker("gradguard")
     marked = None
+    marked_ignore: tuple[str, ...] = ()
+    ignore_source = f"@pytest.mark.gradguard(ignore=...) on {item.nodeid}"
     if marker is not None:
         where = f"@pytest.mark.gradguard on {item.nodeid}"
         unknown = set(marker.kwargs) - {"mode", "ignore"}
@@ -203,27 +220,32 @@ def _item_mode(item: pytest.Item, settings: Settings) -> tuple[str, tuple[str, .
             )
         given = marker.kwargs.get("mode", marker.args[0] if marker.args else None)
         if given is not None:
-            marked = _validate_mode(given, where)
-        ignore = ignore + _split_codes(marker.kwargs.get("ignore", ()), where)
+            marked = _validate_mode(given, f"@pytest.mark.gradguard(mode=...) on {item.nodeid}")
+        marked_ignore = _split_codes(marker.kwargs.get("ignore", ()), ignore_source)
     if marked is not None:
         mode = marked
     elif FIXTURE in getattr(item, "fixturenames", ()):
         mode = "log"  # like recwarn: a test that inspects findings records them
     elif marker is not None and mode == "off":
         mode = "strict"
-    return mode, ignore
+    if mode == "off":
+        return mode, frozenset()
+    codes = _check_codes(settings.ignore, settings.ignore_source)
+    return mode, codes | _check_codes(marked_ignore, ignore_source)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     item.stash[_SESSION] = None
+    problem: str | None = None
     try:
-        mode, ignore = _item_mode(item, item.config.stash[_SETTINGS])
-        if mode == "off":
-            return
-        codes = _check_codes(ignore, f"the gradguard ignore codes of {item.nodeid}")
+        mode, codes = _item_mode(item, item.config.stash[_SETTINGS])
     except _BadSetting as exc:
-        pytest.fail(str(exc), pytrace=False)
+        problem = str(exc)
+    if problem is not None:  # failed outside the except block: pytest shows the message once
+        pytest.fail(problem, pytrace=False)
+    if mode == "off":
+        return
     from gradguard._dispatch import validate_mode
     from gradguard._session import Session
 
@@ -330,11 +352,15 @@ class FindingsRecorder:
 
         Raises:
             AssertionError: no finding with that code was recorded.
+            TypeError, ValueError: ``code`` is not a str, or not a finding code.
         """
+        from gradguard._dispatch import validate_codes
+
+        (wanted,) = validate_codes([code], "gradguard_findings.pop(code)")
         for i, finding in enumerate(self._findings):
-            if finding.code == code:
+            if finding.code == wanted:
                 return self._findings.pop(i)
-        raise AssertionError(f"no {code} finding was recorded; recorded: {self.codes}")
+        raise AssertionError(f"no {wanted} finding was recorded; recorded: {self.codes}")
 
     def clear(self) -> None:
         """Forget the findings recorded so far."""

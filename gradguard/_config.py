@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+import numbers
 
 from gradguard._dispatch import Mode, validate_codes, validate_mode
 
@@ -25,10 +25,14 @@ class Options:
     check_ranks_every: int | None = None
 
 
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(Options))
+"""Every option `gradguard.guard` takes besides the optimizer and the model, in order."""
+
+
 def make_options(
     *,
     mode: object = "warn",
-    ignore: Iterable[str] | str | None = None,
+    ignore: object = None,
     accumulation_steps: object = None,
     check_numerics: object = True,
     numerics_every: object = None,
@@ -43,17 +47,18 @@ def make_options(
         mode=validate_mode(mode),
         ignore=validate_codes(ignore),
         accumulation_steps=_positive_int("accumulation_steps", accumulation_steps, optional=True),
-        check_numerics=_bool("check_numerics", check_numerics),
+        check_numerics=validate_bool("check_numerics", check_numerics),
         numerics_every=_positive_int("numerics_every", numerics_every, optional=True),
         explode_factor=_positive_float("explode_factor", explode_factor, above=1.0) or 100.0,
         max_grad_norm=_positive_float("max_grad_norm", max_grad_norm, optional=True),
         unused_after=_positive_int("unused_after", unused_after) or 20,
-        record_norms=_bool("record_norms", record_norms),
+        record_norms=validate_bool("record_norms", record_norms),
         check_ranks_every=_positive_int("check_ranks_every", check_ranks_every, optional=True),
     )
 
 
-def _bool(name: str, value: object) -> bool:
+def validate_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is True or False, else raise a TypeError naming ``name``."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False; got {value!r}")
     return value
@@ -62,12 +67,13 @@ def _bool(name: str, value: object) -> bool:
 def _positive_int(name: str, value: object, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    # True is an int to Python, never a count to a person; numpy's ints are Integral.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         allowed = "a positive int or None" if optional else "a positive int"
         raise TypeError(f"{name} must be {allowed}; got {value!r}")
     if value <= 0:
-        raise ValueError(f"{name} must be a positive int; got {value}")
-    return value
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return int(value)
 
 
 def _positive_float(
@@ -75,8 +81,24 @@ def _positive_float(
 ) -> float | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number; got {value!r}")
+    allowed = f"a finite number above {above:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {allowed}{' or None' * optional}; got {value!r}")
     if not math.isfinite(value) or value <= above:
-        raise ValueError(f"{name} must be a finite number above {above:g}; got {value!r}")
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
     return float(value)
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` on one line and at most ``limit`` long, for an error message."""
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not hide the real error
+        text = object.__repr__(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(value: object) -> str:
+    """``TYPE (repr)``: what a wrong argument was, when its type is the point."""
+    return f"{type(value).__name__} ({short_repr(value)})"

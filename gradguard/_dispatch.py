@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import threading
 import traceback
 import warnings
-from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, cast
 
 import structlog
 
@@ -105,21 +106,38 @@ def _notify(finding: Finding, first: bool) -> None:
             )
 
 
+def validate_choice(value: object, allowed: Sequence[str], source: str) -> str:
+    """Return ``value`` if it is in ``allowed``; else raise naming it, ``source`` and ``allowed``.
+
+    Raises:
+        TypeError: ``value`` is not a str.
+        ValueError: it is a str, but not one of ``allowed``.
+    """
+    if isinstance(value, str) and value in allowed:
+        return value
+    error = ValueError if isinstance(value, str) else TypeError
+    raise error(f"{source} must be one of {', '.join(allowed)}; got {value!r}")
+
+
 def validate_mode(mode: object, source: str = "mode") -> Mode:
     """Return ``mode`` if it is a known mode, else raise naming ``source``."""
-    if not isinstance(mode, str):
-        raise TypeError(f"{source} must be a str, one of {', '.join(MODES)}; got {mode!r}")
-    if mode not in MODES:
-        raise ValueError(f"{source}={mode!r} is not a mode; use one of: {', '.join(MODES)}")
-    return mode
+    return cast(Mode, validate_choice(mode, MODES, source))
 
 
-def validate_codes(codes: Iterable[str] | str | None, source: str = "ignore") -> frozenset[str]:
-    """Return ``codes`` as a set after checking each one is in the catalogue."""
+def validate_codes(codes: object, source: str = "ignore") -> frozenset[str]:
+    """Return ``codes`` as a set after checking each one is in the catalogue.
+
+    ``codes`` is ``None``, a str such as ``"GG101,GG103"`` or an iterable of str.
+    """
     if codes is None:
         return frozenset()
     if isinstance(codes, str):
-        codes = [c for c in codes.replace(" ", ",").split(",") if c]
+        codes = [c for c in re.split(r"[\s,]+", codes) if c]
+    elif isinstance(codes, (bytes, bytearray)) or not isinstance(codes, Iterable):
+        raise TypeError(
+            f"{source} must be finding codes, a str such as 'GG101,GG103' or a list of str; "
+            f"got {codes!r}"
+        )
     out = set()
     for code in codes:
         if not isinstance(code, str):

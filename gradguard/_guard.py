@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradguard._checks import StepVerdict, Windows, judge_step
-from gradguard._config import Options, make_options
+from gradguard._config import Options, describe, make_options
 from gradguard._dispatch import (
     Reporter,
     SummaryRow,
@@ -1182,41 +1182,72 @@ class Guard:
         self._reporter.internal_error(exc, where)
 
 
-def _models(model: nn.Module | Iterable[nn.Module] | None) -> list[nn.Module]:
+def _models(model: object) -> list[nn.Module]:
     if model is None:
         return []
     if isinstance(model, nn.Module):
         return [model]
-    if isinstance(model, (str, bytes)) or not isinstance(model, Iterable):
-        raise TypeError(f"model must be an nn.Module or a list of them; got {type(model).__name__}")
+    allowed = "model must be an nn.Module, a list of them, or None"
+    if isinstance(model, (str, bytes, torch.Tensor)) or not isinstance(model, Iterable):
+        raise TypeError(f"{allowed}; got {describe(model)}")
     models = list(model)
     for m in models:
         if not isinstance(m, nn.Module):
-            raise TypeError(
-                "model must be an nn.Module or a list of them; "
-                f"got an item of type {type(m).__name__}"
-            )
+            raise TypeError(f"{allowed}; got an item of type {describe(m)}")
     return models
 
 
-def _check_optimizer(optimizer: object) -> torch.optim.Optimizer:
+def _check_optimizer(optimizer: object, caller: str = "guard") -> torch.optim.Optimizer:
+    """The torch optimizer ``optimizer`` is or wraps; a TypeError naming it if none.
+
+    ``caller`` names the function in the message. Only `guard` and `guarding`
+    need an optimizer whose step can be hooked.
+    """
+    attaching = caller in ("guard", "guarding")
     if isinstance(optimizer, nn.Module):
+        how = (
+            f"use {caller}(torch.optim.SGD(model.parameters(), ...), model=model)"
+            if attaching
+            else "pass the optimizer that was guarded"
+        )
         raise TypeError(
-            f"guard() takes the optimizer, not the model ({type(optimizer).__name__}); "
-            "use guard(torch.optim.SGD(model.parameters(), ...), model=model)"
+            f"{caller}() takes the optimizer, not the model ({type(optimizer).__name__}); {how}"
         )
     optimizer = unwrap(optimizer)  # Accelerate's and Lightning's wrappers: guard what they wrap
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            "guard() needs a torch.optim.Optimizer; "
-            f"got {type(optimizer).__name__} ({optimizer!r:.60})"
-        )
-    if not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+        raise TypeError(f"{caller}() needs a torch.optim.Optimizer; got {describe(optimizer)}")
+    if attaching and not hasattr(optimizer, "_optimizer_step_pre_hooks"):
         raise TypeError(
             f"{type(optimizer).__name__} never called torch.optim.Optimizer.__init__, so its step "
             "cannot be hooked; guard the optimizer it wraps instead"
         )
     return optimizer
+
+
+def _checked(
+    optimizer: object,
+    model: object,
+    mode: object,
+    ignore: object,
+    record_norms: object,
+    options: dict[str, Any],
+    caller: str = "guard",
+) -> tuple[torch.optim.Optimizer, list[nn.Module], Options]:
+    """Every argument of `guard` checked, before anything is attached; raises naming the bad one.
+
+    ``mode``, ``ignore`` and ``record_norms`` left as ``None`` come from the
+    active `install` session (the runner, the pytest plugin), else
+    ``"warn"``, nothing and ``False``.
+    """
+    opt = _check_optimizer(optimizer, caller)
+    defaults = session_defaults()
+    checked = make_options(
+        mode=defaults.mode if mode is None else mode,
+        ignore=defaults.ignore if ignore is None else ignore,
+        record_norms=defaults.record_norms if record_norms is None else record_norms,
+        **options,
+    )
+    return opt, _models(model), checked
 
 
 def attach(
@@ -1231,21 +1262,13 @@ def attach(
 ) -> Guard:
     """Validate the arguments and return the optimizer's guard, creating it if needed.
 
-    ``mode``, ``ignore`` and ``record_norms`` left as ``None`` come from the
-    active `install` session (the runner, the pytest plugin), else
-    ``"warn"``, nothing and ``False``.
+    See `_checked` for what the arguments left as ``None`` mean.
     """
-    opt = _check_optimizer(optimizer)
-    if options.get("accumulation_steps") is None:
-        options["accumulation_steps"] = framework_accumulation(opt, optimizer)
-    defaults = session_defaults()
-    checked = make_options(
-        mode=defaults.mode if mode is None else mode,
-        ignore=defaults.ignore if ignore is None else ignore,
-        record_norms=defaults.record_norms if record_norms is None else record_norms,
-        **options,
-    )
-    models = _models(model)
+    opt, models, checked = _checked(optimizer, model, mode, ignore, record_norms, options)
+    if checked.accumulation_steps is None:
+        steps = framework_accumulation(opt, optimizer)
+        if steps is not None:
+            checked = dataclasses.replace(checked, accumulation_steps=steps)
     with _LOCK:
         existing = _GUARDS.get(opt)
         if existing is not None and not existing.closed:
@@ -1337,7 +1360,6 @@ def guard(
     return optimizer
 
 
-@contextlib.contextmanager
 def guarding(
     optimizer: torch.optim.Optimizer,
     *,
@@ -1352,29 +1374,33 @@ def guarding(
     unused_after: int = 20,
     record_norms: bool | None = None,
     check_ranks_every: int | None = None,
-) -> Iterator[Guard]:
+) -> contextlib.AbstractContextManager[Guard]:
     """Guard ``optimizer`` inside a ``with`` block; every hook is removed on exit, even on error.
 
-    Takes the same arguments as `guard`. Yields the `Guard`, whose
-    ``findings`` and ``summary()`` stay readable after the block. An optimizer
-    that was already guarded keeps its guard.
+    Takes the same arguments as `guard`, and checks them at the call, as it
+    does. Yields the `Guard`, whose ``findings`` and ``summary()`` stay
+    readable after the block. An optimizer that was already guarded keeps
+    its guard.
     """
-    opt = _check_optimizer(optimizer)
-    owned = _GUARDS.get(opt) is None
-    g = attach(
-        opt,
-        model=model,
-        mode=mode,
-        ignore=ignore,
-        accumulation_steps=accumulation_steps,
-        check_numerics=check_numerics,
-        numerics_every=numerics_every,
-        explode_factor=explode_factor,
-        max_grad_norm=max_grad_norm,
-        unused_after=unused_after,
-        record_norms=record_norms,
-        check_ranks_every=check_ranks_every,
+    options: dict[str, Any] = {
+        "accumulation_steps": accumulation_steps,
+        "check_numerics": check_numerics,
+        "numerics_every": numerics_every,
+        "explode_factor": explode_factor,
+        "max_grad_norm": max_grad_norm,
+        "unused_after": unused_after,
+        "check_ranks_every": check_ranks_every,
+    }
+    opt = _checked(optimizer, model, mode, ignore, record_norms, options, "guarding")[0]
+    return _guarding(
+        opt, model=model, mode=mode, ignore=ignore, record_norms=record_norms, **options
     )
+
+
+@contextlib.contextmanager
+def _guarding(opt: torch.optim.Optimizer, **arguments: Any) -> Iterator[Guard]:
+    owned = _GUARDS.get(opt) is None
+    g = attach(opt, **arguments)
     try:
         yield g
     finally:
@@ -1409,19 +1435,22 @@ atexit.register(_settle_at_exit)
 
 
 def unguard(optimizer: torch.optim.Optimizer) -> Guard | None:
-    """Report anything pending, remove every hook from ``optimizer`` and return its guard."""
-    g = _GUARDS.get(_key(optimizer))
+    """Report anything pending, remove every hook from ``optimizer`` and return its guard.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer (or a framework's wrapper of one).
+    """
+    g = _GUARDS.get(_check_optimizer(optimizer, "unguard"))
     if g is not None:
         g.close()
     return g
 
 
 def guard_of(optimizer: torch.optim.Optimizer) -> Guard | None:
-    """The live guard watching ``optimizer``, if any."""
-    g = _GUARDS.get(_key(optimizer))
+    """The live guard watching ``optimizer``, if any.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer (or a framework's wrapper of one).
+    """
+    g = _GUARDS.get(_check_optimizer(optimizer, "guard_of"))
     return None if g is None or g.closed else g
-
-
-def _key(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    inner = unwrap(optimizer)
-    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer

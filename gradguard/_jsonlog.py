@@ -73,10 +73,13 @@ def resolve_path(path: object, source: str = "log_json") -> str:
     directory = os.path.dirname(resolved) or "."
     if not os.path.isdir(directory):
         raise ValueError(
-            f"{source}={raw!r}: directory {directory!r} does not exist; create it first"
+            f"{source} must be a file path in an existing directory; got {raw!r}, "
+            f"and directory {directory!r} does not exist: create it first"
         )
     if os.path.isdir(resolved):
-        raise ValueError(f"{source}={raw!r} is a directory; give a file path such as out.jsonl")
+        raise ValueError(
+            f"{source} must be a file path such as out.jsonl, not a directory; got {raw!r}"
+        )
     return resolved
 
 

@@ -14,9 +14,10 @@ import json
 import os
 import shutil
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
+from gradguard._config import short_repr
 from gradguard._dispatch import SummaryRow
 from gradguard._findings import CATALOGUE
 
@@ -173,6 +174,11 @@ def expand(patterns: Iterable[str]) -> list[str]:
     for pattern in patterns:
         if os.path.isfile(pattern):
             matches = [pattern]
+        elif os.path.isdir(pattern):
+            raise ReportError(
+                f"{pattern!r} is a directory; give the JSON-lines files in it, "
+                f"such as {os.path.join(pattern, '*.jsonl')!r}"
+            )
         elif any(ch in pattern for ch in "*?["):
             matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
             if not matches:
@@ -195,21 +201,23 @@ def load(paths: Sequence[str]) -> Run:
         findings: list[Record] = []
         counts: dict[str, int] = {}
         summaries = bad = 0
+        first_bad = ""
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.readlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise ReportError(f"cannot read {path}: {exc}") from None
-        for text in lines:
+        for number, text in enumerate(lines, 1):
             if not text.strip():
                 continue
             try:
                 rec = json.loads(text)
             except json.JSONDecodeError:
+                rec = None
+            problem = _problem(rec)
+            if problem is not None or not isinstance(rec, dict):
                 bad += 1
-                continue
-            if not isinstance(rec, dict):
-                bad += 1
+                first_bad = first_bad or f"line {number}: {problem}"
                 continue
             if isinstance(rec.get("rank"), int):
                 run.ranks.add(rec["rank"])
@@ -223,10 +231,8 @@ def load(paths: Sequence[str]) -> Run:
             elif event == "watching":
                 run.watched += 1
                 run.stepping.add(_int(rec.get("pid")))
-            elif isinstance(rec.get("code"), str):
-                findings.append(rec)
             else:
-                bad += 1
+                findings.append(rec)
         distinct: dict[str, int] = {}
         for rec in findings:
             distinct[rec["code"]] = distinct.get(rec["code"], 0) + 1
@@ -241,8 +247,87 @@ def load(paths: Sequence[str]) -> Run:
             )
         if bad:
             what = "line that is not a gradguard record" if bad == 1 else "lines that are not"
-            run.notes.append(f"{path}: skipped {bad} {what}{' gradguard records' * (bad > 1)}")
+            which = "" if bad == 1 else "the first at "
+            run.notes.append(
+                f"{path}: skipped {bad} {what}{' gradguard records' * (bad > 1)} "
+                f"({which}{first_bad})"
+            )
     return run
+
+
+# What each record gradguard writes may hold: a check and what it allows, per field.
+# A field may be absent (a log written by hand, an older version); never of another type.
+_Check = tuple[Callable[[object], bool], str]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_norm(value: object) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _is_counts(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _is_int(n) and n >= 0 for k, n in value.items()
+    )
+
+
+def _is_modules(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _is_norm(n) for k, n in value.items()
+    )
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(p, str) for p in value)
+
+
+_STR: _Check = (lambda v: isinstance(v, str), "a string")
+_INT: _Check = (_is_int, "an integer")
+_ORIGIN = {"timestamp": _STR, "pid": _INT, "rank": _INT, "world_size": _INT}
+_FIELDS: dict[object, dict[str, _Check]] = {
+    "summary": {"counts": (_is_counts, "an object of code: count")},
+    "norms": {
+        "step": _INT,
+        "optimizer": _STR,
+        "total": (_is_norm, "a number or null"),
+        "modules": (_is_modules, "an object of module name: number or null"),
+    },
+    "watching": {},
+    None: {  # a finding
+        "code": _STR,
+        "event": _STR,
+        "level": _STR,
+        "step": _INT,
+        "optimizer": _STR,
+        "params": (_is_strings, "a list of strings"),
+        "location": _STR,
+        "hint": _STR,
+        "doc": _STR,
+        "message": _STR,
+    },
+}
+
+
+def _problem(rec: object) -> str | None:
+    """Why ``rec`` is not a record gradguard writes, or ``None`` if it is one."""
+    if not isinstance(rec, dict):
+        return "not a JSON object" if rec is not None else "not JSON"
+    event = rec.get("event")
+    if event in _FIELDS:
+        fields, required = _FIELDS[event], "counts" if event == "summary" else None
+    elif "code" in rec:
+        fields, required = _FIELDS[None], "code"
+    else:
+        return 'neither a finding (no "code") nor a summary, norms or watching record'
+    if required is not None and required not in rec:
+        return f'no "{required}" field'
+    for name, (check, allowed) in {**_ORIGIN, **fields}.items():
+        if name in rec and not check(rec[name]):
+            return f'"{name}" must be {allowed}; got {short_repr(rec[name])}'
+    return None
 
 
 def _int(value: object) -> int:

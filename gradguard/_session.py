@@ -19,12 +19,13 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO, cast
 
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradguard import _children
 from gradguard._children import ChildLog, Follow
+from gradguard._config import validate_bool
 from gradguard._dispatch import (
     MODES,
     Mode,
@@ -33,11 +34,11 @@ from gradguard._dispatch import (
     _log,
     add_record_sink,
     add_sink,
+    validate_choice,
     validate_codes,
-    validate_mode,
 )
 from gradguard._findings import Finding
-from gradguard._jsonlog import JsonLog, now, record
+from gradguard._jsonlog import JsonLog, now, record, resolve_path
 from gradguard._naming import REGISTRATIONS
 from gradguard._report import Record, Run, plural, render_table, wants_colour, width_for
 from gradguard._stderr import say
@@ -58,11 +59,16 @@ _LOCK = threading.Lock()
 
 def validate_setting(value: object, source: str = "mode") -> Setting:
     """Return ``value`` if it is a mode or ``"off"``, else raise naming ``source``."""
-    if value == "off":
-        return "off"
-    if isinstance(value, str) and value not in SETTINGS:
-        raise ValueError(f"{source}={value!r} is not a mode; use one of: {', '.join(SETTINGS)}")
-    return validate_mode(value, source)
+    return cast(Setting, validate_choice(value, SETTINGS, source))
+
+
+def parse_setting(text: object, source: str) -> Setting:
+    """A mode or ``"off"`` typed by a person (a flag, ``GRADGUARD``, an ini value).
+
+    Case and surrounding spaces do not matter; the error shows ``text`` as given.
+    """
+    value = text.strip().lower() if isinstance(text, str) else text
+    return validate_setting(value if value in SETTINGS else text, source)
 
 
 class Defaults(NamedTuple):
@@ -469,15 +475,18 @@ def install(
             top-level module, to ``log_json`` (``gradguard report --plot``).
 
     Raises:
-        TypeError: ``record_norms`` is not a bool.
-        ValueError: unknown mode or code, ``log_json`` in a missing directory
-            or one the system refuses to create, or ``record_norms`` without
-            ``log_json``.
+        TypeError: an argument has the wrong type (``ignore=5``, ``log_json=3``,
+            ``record_norms=1``, ``mode=None``).
+        ValueError: unknown mode or code, ``log_json`` in a missing directory,
+            naming a directory or one the system refuses to create, or
+            ``record_norms`` without ``log_json``. Either way the session
+            already running, if any, is left as it was.
     """
     setting = validate_setting(mode)
     codes = validate_codes(ignore)
-    if not isinstance(record_norms, bool):
-        raise TypeError(f"record_norms must be True or False; got {record_norms!r}")
+    validate_bool("record_norms", record_norms)
+    if log_json is not None:
+        resolve_path(log_json)  # checked even where it is not opened: "off", a followed child
     if record_norms and log_json is None:
         raise ValueError(
             "record_norms=True needs log_json=PATH: the norms are written to the JSON log"

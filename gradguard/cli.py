@@ -25,6 +25,7 @@ import types
 import zipfile
 from collections.abc import Callable, Sequence
 from importlib.machinery import SourceFileLoader
+from typing import NoReturn
 
 from gradguard import _children, _plot
 from gradguard._dispatch import validate_codes
@@ -40,7 +41,7 @@ from gradguard._report import (
     wants_colour,
     width_for,
 )
-from gradguard._session import SETTINGS, Session, validate_setting
+from gradguard._session import SETTINGS, Session, parse_setting
 from gradguard._stderr import say
 
 ENV_VAR = "GRADGUARD"
@@ -49,8 +50,15 @@ _VALUE_OPTIONS = ("--mode", "--log-json", "--ignore")
 Runner = Callable[[], None]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr: what is wrong, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradguard",
         description="Catch gradient-handling bugs in PyTorch training loops while they run.",
     )
@@ -70,7 +78,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
     )
     run.add_argument(
         "--mode",
-        choices=SETTINGS,
+        metavar="{" + ",".join(SETTINGS) + "}",
         help=(
             "strict: raise at the first finding; warn: a Python warning per finding "
             "(default); log: log events only; off: run without gradguard. "
@@ -167,13 +175,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A run started inside a followed process is a run of its own.
     _children.leave()
 
-    mode = opts.mode
-    if mode is None:
-        env = os.environ.get(ENV_VAR, "").strip().lower()
-        try:
-            mode = validate_setting(env, f"{ENV_VAR} environment variable") if env else "warn"
-        except (TypeError, ValueError) as exc:
-            run_parser.error(str(exc))
+    env = os.environ.get(ENV_VAR, "")
+    try:
+        if opts.mode is not None:
+            mode = parse_setting(opts.mode, "--mode")
+        else:
+            source = f"the {ENV_VAR} environment variable"
+            mode = parse_setting(env, source) if env.strip() else "warn"
+    except (TypeError, ValueError) as exc:
+        run_parser.error(str(exc))
     try:
         codes = validate_codes(opts.ignore, "--ignore")
         if opts.log_json is not None:
@@ -213,12 +223,9 @@ def _report(opts: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        directory = os.path.dirname(opts.plot) or "."
-        if not os.path.isdir(directory):
-            print(
-                f"gradguard report: --plot {opts.plot}: directory {directory!r} does not exist",
-                file=sys.stderr,
-            )
+        problem = _plot_path_problem(opts.plot)
+        if problem is not None:
+            print(f"gradguard report: {problem}", file=sys.stderr)
             return 2
     try:
         run = load(expand(opts.paths))
@@ -235,9 +242,28 @@ def _report(opts: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        _plot.timeline(run, opts.plot)
+        try:
+            _plot.timeline(run, opts.plot)
+        except OSError as exc:
+            print(f"gradguard report: cannot write --plot {opts.plot!r}: {exc}", file=sys.stderr)
+            return 1
         print(f"timeline written to {opts.plot}")
     return 0
+
+
+def _plot_path_problem(path: str) -> str | None:
+    """Why ``--plot PATH`` cannot name the picture to write, or ``None``."""
+    if not path:
+        return "--plot must be a non-empty file path such as timeline.png; got ''"
+    if os.path.isdir(path):
+        return f"--plot must be a file path such as timeline.png, not a directory; got {path!r}"
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        return (
+            f"--plot must be a file path in an existing directory; got {path!r}, "
+            f"and directory {directory!r} does not exist: create it first"
+        )
+    return None
 
 
 def _execute(runner: Runner, session: Session | None, mode: str) -> int:

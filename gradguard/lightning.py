@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from gradguard._config import make_options
+from gradguard._config import OPTION_NAMES, make_options
 from gradguard._dispatch import SummaryRow
 from gradguard._findings import Finding
 from gradguard._guard import Guard, attach, guard_of
@@ -67,9 +67,16 @@ class GradGuardCallback(Callback):
         self, *, mode: str | None = None, ignore: Iterable[str] | None = None, **options: Any
     ) -> None:
         super().__init__()
-        make_options(mode=mode or "warn", ignore=ignore, **options)  # fail here, not in fit
+        unknown = sorted(set(options) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(
+                f"GradGuardCallback() got an unknown option {unknown[0]!r}; "
+                f"it takes {', '.join(OPTION_NAMES)}"
+            )
+        # Checked here, not in fit; a mode or codes left out come from the session then.
+        checked = make_options(mode="warn" if mode is None else mode, ignore=ignore, **options)
         self.mode = mode
-        self.ignore = None if ignore is None else list(ignore)
+        self.ignore = None if ignore is None else sorted(checked.ignore)
         self.options = options
         self.guards: list[Guard] = []
         self._owned: list[Guard] = []
