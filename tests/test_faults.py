@@ -17,12 +17,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 import torch
+from conftest import ROOT
 from loops import BUGGY_SCRIPT, CORRECT_SCRIPT, train
 from test_pytest_plugin import LOOPS, _run
 
@@ -45,7 +47,10 @@ def lost_lines(err: str) -> list[str]:
 
 
 def _python(
-    args: list[str], cwd: Path, stderr: int | None = subprocess.PIPE
+    args: list[str],
+    cwd: Path,
+    stderr: int | None = subprocess.PIPE,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, *args],
@@ -53,6 +58,7 @@ def _python(
         stderr=stderr,
         text=True,
         cwd=cwd,
+        env=env,
         timeout=120,
     )
 
@@ -80,9 +86,11 @@ def test_a_full_disk_changes_nothing_under_gradguard_run_but_one_line(
     """``--log-json /dev/full``: exit code, stdout and stderr as with no log, plus one line."""
     (tmp_path / "train.py").write_text(BUGGY_SCRIPT if script == "buggy" else CORRECT_SCRIPT)
     base = ["-m", "gradguard", "run", "--mode", mode, "--verbose"]
-    plain = _python([*base, "train.py"], tmp_path)
     args = [*base, *(["--record-norms"] if norms else []), "--log-json", FULL, "train.py"]
-    full = _python(args, tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # two runs at once: each is mostly torch's import
+        plain_run = pool.submit(_python, [*base, "train.py"], tmp_path)
+        full = _python(args, tmp_path)
+        plain = plain_run.result()
     assert (full.returncode, full.stdout) == (plain.returncode, plain.stdout)
     assert (plain.returncode, plain.stdout) == ((1, "") if mode == "strict" else (0, "trained\n"))
     (line,) = lost_lines(full.stderr)
@@ -278,7 +286,9 @@ def test_a_log_that_cannot_be_created_is_a_usage_error_of_the_runner(
 STDERR_FAULTS = ("no stderr", "closed sys.stderr", "broken pipe")
 
 
-def _under_stderr_fault(fault: str, args: list[str], cwd: Path) -> tuple[int, str]:
+def _under_stderr_fault(
+    fault: str, args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Run python ``args`` with stderr missing (``2>&-``), closed by the script, or a dead pipe."""
     if fault == "no stderr":
         proc = subprocess.run(
@@ -286,15 +296,16 @@ def _under_stderr_fault(fault: str, args: list[str], cwd: Path) -> tuple[int, st
             stdout=subprocess.PIPE,
             text=True,
             cwd=cwd,
+            env=env,
             timeout=120,
         )
     elif fault == "closed sys.stderr":  # the script closes it first thing (see _script)
-        proc = _python(args, cwd)
+        proc = _python(args, cwd, env=env)
     else:
         read, write = os.pipe()
         os.close(read)  # every write to stderr fails with EPIPE
         try:
-            proc = _python(args, cwd, stderr=write)
+            proc = _python(args, cwd, stderr=write, env=env)
         finally:
             os.close(write)
     return proc.returncode, proc.stdout
@@ -304,31 +315,65 @@ def _script(fault: str, body: str) -> str:
     return ("import sys\nsys.stderr.close()\n" if fault == "closed sys.stderr" else "") + body
 
 
+HOWS = [("plain", None), ("run", "warn"), ("run", "strict"), ("install", "log")]
+StderrRun = tuple[tuple[int, str], Path]
+
+
+def _stderr_case(
+    fault: str, how: str, mode: str | None, root: Path, env: dict[str, str]
+) -> StderrRun:
+    """Run the buggy script under ``fault``: plainly, under ``gradguard run`` or ``install()``."""
+    root.mkdir()
+    log = root / "gg.jsonl"
+    args = ["train.py"]
+    body = BUGGY_SCRIPT
+    if how == "run":
+        args = ["-m", "gradguard", "run", "--mode", str(mode), "--log-json", str(log), "train.py"]
+    elif how == "install":
+        body = f"import gradguard\ngradguard.install(mode={mode!r}, log_json={str(log)!r})\n" + body
+    (root / "train.py").write_text(_script(fault, body))
+    return _under_stderr_fault(fault, args, root, env), log
+
+
+@pytest.fixture(scope="module")
+def stderr_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], StderrRun]:
+    """Every fault under every way of running, started together: each is mostly torch's import."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GRADGUARD", "RANK")}
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+    base = tmp_path_factory.mktemp("stderr")
+    cases = [(fault, how, str(mode)) for fault in STDERR_FAULTS for how, mode in HOWS]
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        futures = {
+            case: pool.submit(
+                _stderr_case,
+                *case[:2],
+                None if case[1] == "plain" else case[2],
+                base / "-".join(case).replace(" ", "_"),
+                env,
+            )
+            for case in cases
+        }
+        return {case: future.result() for case, future in futures.items()}
+
+
 @pytest.mark.parametrize("fault", STDERR_FAULTS)
 def test_plain_python_trains_under_each_stderr_fault(
-    fault: str, tmp_path: Path, subprocess_env: dict[str, str]
+    fault: str, stderr_runs: dict[tuple[str, ...], StderrRun]
 ) -> None:
     """The baseline: without gradguard the buggy script exits 0 and prints ``trained``."""
-    (tmp_path / "train.py").write_text(_script(fault, BUGGY_SCRIPT))
-    assert _under_stderr_fault(fault, ["train.py"], tmp_path) == (0, "trained\n")
+    assert stderr_runs[fault, "plain", "None"][0] == (0, "trained\n")
 
 
 @pytest.mark.parametrize("fault", STDERR_FAULTS)
-@pytest.mark.parametrize(("how", "mode"), [("run", "warn"), ("run", "strict"), ("install", "log")])
+@pytest.mark.parametrize(("how", "mode"), HOWS[1:])
 def test_a_stderr_that_cannot_be_written_changes_nothing(
-    fault: str, how: str, mode: str, tmp_path: Path, subprocess_env: dict[str, str]
+    fault: str, how: str, mode: str, stderr_runs: dict[tuple[str, ...], StderrRun]
 ) -> None:
     """Findings, the summary and the lost-log line go nowhere; exit code, stdout, log stay."""
-    log = tmp_path / "gg.jsonl"
-    if how == "run":
-        (tmp_path / "train.py").write_text(_script(fault, BUGGY_SCRIPT))
-        args = ["-m", "gradguard", "run", "--mode", mode, "--log-json", str(log), "train.py"]
-    else:
-        install = f"import gradguard\ngradguard.install(mode={mode!r}, log_json={str(log)!r})\n"
-        (tmp_path / "train.py").write_text(_script(fault, install + BUGGY_SCRIPT))
-        args = ["train.py"]
+    result, log = stderr_runs[fault, how, mode]
     expected = (1, "") if mode == "strict" else (0, "trained\n")  # as with a working stderr
-    assert _under_stderr_fault(fault, args, tmp_path) == expected
+    assert result == expected
     records = log.read_text().splitlines()
     assert '"code": "GG102"' in records[0]
     assert records[-1].startswith('{"event": "summary", "counts": {"GG102": ')

@@ -239,6 +239,7 @@ def test_the_runner_reports_what_is_pending(
 
 
 PLUGIN_TEST = """\
+import pytest
 import torch
 from torch import nn
 from gradguard._health import LATENESS
@@ -274,32 +275,30 @@ def test_warn_at_teardown():
     # nothing judged yet: the plugin's teardown drains it into this test's warnings
 
 
+@pytest.mark.gradguard(mode="strict")
+def test_strict():
+    LATENESS.until_close = True
+    try:
+        buggy_loop()  # raises at the step: strict mode waits for the device there
+    finally:
+        LATENESS.reset()
+
+
 def test_reset():
     LATENESS.reset()
 """
 
 
 def test_the_pytest_plugin_reports_what_is_pending(pytester: pytest.Pytester) -> None:
-    """The gradguard_findings fixture and a test's teardown see late findings."""
+    """The gradguard_findings fixture and a test's teardown see late findings; a strict
+    test fails with the finding."""
     from tests.test_pytest_plugin import _run
 
     pytester.makepyfile(PLUGIN_TEST)
     result = _run(pytester, "--gradguard=warn", "-W", "always")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*test_warn_at_teardown*", "*ClearedBeforeStepWarning*"])
-
-
-def test_the_pytest_plugin_strict_mode_fails_the_test(pytester: pytest.Pytester) -> None:
-    from tests.test_pytest_plugin import _run
-
-    pytester.makepyfile(
-        PLUGIN_TEST.replace("def test_findings_fixture", "def _skip").replace(
-            "def test_warn_at_teardown", "def test_strict"
-        )
-    )
-    result = _run(pytester, "--gradguard=strict")
-    result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*GG102 cleared-before-step*"])
+    result.stdout.fnmatch_lines(["*test_strict*", "*GG102 cleared-before-step*"])
 
 
 def test_a_late_finding_in_a_model_without_a_name_is_named_by_its_group() -> None:
