@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -53,15 +54,23 @@ def run_example(name: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.fixture(scope="module")
+def runs() -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every example's run, started together: each is mostly torch's import."""
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        futures = {name: pool.submit(run_example, name) for name in sorted(EXPECTED)}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def test_every_example_is_covered():
     """Each script in examples/ has an expectation here."""
     assert sorted(p.name for p in (ROOT / "examples").glob("*.py")) == sorted(EXPECTED)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example_reports_its_finding(name):
+def test_example_reports_its_finding(name, runs):
     """The example exits 0 and its warnings name the expected codes, in order."""
-    result = run_example(name)
+    result = runs[name]
     assert result.returncode == 0, result.stderr
     codes = [c for c in CODES if c in result.stderr]
     assert sorted(codes) == sorted(EXPECTED[name])
@@ -69,9 +78,9 @@ def test_example_reports_its_finding(name):
     assert positions == sorted(positions)
 
 
-def test_flagship_names_the_parameters_and_its_own_line():
+def test_flagship_names_the_parameters_and_its_own_line(runs):
     """The tutorial loop reports GG102 on linear.weight and linear.bias at its step line."""
-    result = run_example("tutorial_loop.py")
+    result = runs["tutorial_loop.py"]
     lines = (ROOT / "examples" / "tutorial_loop.py").read_text().splitlines()
     step_line = next(i for i, line in enumerate(lines, 1) if "optimizer.step()" in line)
     assert f"examples/tutorial_loop.py:{step_line}" in result.stderr

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import runpy
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -34,9 +36,11 @@ if sys.argv[1:2] == ["exit"]:
 """
 
 
-def _python(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def _python(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=120, env=env
     )
 
 
@@ -315,22 +319,51 @@ LAUNCHES = [(case, "python -m gradguard") for case in FAILING] + [
 ]
 
 
+Runs = tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]
+
+
+def _plain_and_guarded(case: str, launcher: str, root: Path, env: dict[str, str]) -> Runs:
+    """The ``case`` script under python, then under ``gradguard run`` through ``launcher``."""
+    root.mkdir()
+    _write(root, FAILING[case])
+    target = next((t for name, t in TARGETS.items() if name in FAILING[case]), ["app"])
+    plain = _python(*target, cwd=root, env=env)
+    if launcher == "gradguard command":
+        (root / "bin").mkdir()
+        (root / "bin" / "gradguard").write_text(LAUNCHER, encoding="utf-8")
+        return plain, _python("bin/gradguard", "run", *target, cwd=root, env=env)
+    return plain, _python("-m", "gradguard", "run", *target, cwd=root, env=env)
+
+
+@pytest.fixture(scope="module")
+def failing_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Runs]:
+    """Every failing case's runs, started together: each is mostly torch's import."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GRADGUARD", "RANK")}
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+    base = tmp_path_factory.mktemp("failing")
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        futures = {
+            (case, launcher): pool.submit(
+                _plain_and_guarded,
+                case,
+                launcher,
+                base / f"{case}-{launcher}".replace(" ", "_"),
+                env,
+            )
+            for case, launcher in LAUNCHES
+        }
+        return {key: future.result() for key, future in futures.items()}
+
+
 @pytest.mark.parametrize(("case", "launcher"), LAUNCHES)
 def test_a_failing_script_reads_as_under_python(
-    case: str, launcher: str, tmp_path: Path, subprocess_env: dict[str, str]
+    case: str, launcher: str, failing_runs: dict[tuple[str, str], Runs]
 ) -> None:
     """Whatever ends the script (an exception, Ctrl-C or SIGINT, sys.exit with a message, an
     error at import, under -m or from a directory), stderr and the exit code are python's:
     the same traceback line for line, after gradguard's one summary line."""
-    _write(tmp_path, FAILING[case])
-    target = next((t for name, t in TARGETS.items() if name in FAILING[case]), ["app"])
-    plain = _python(*target, cwd=tmp_path)
-    if launcher == "gradguard command":
-        (tmp_path / "bin").mkdir()
-        (tmp_path / "bin" / "gradguard").write_text(LAUNCHER, encoding="utf-8")
-        guarded = _python("bin/gradguard", "run", *target, cwd=tmp_path)
-    else:
-        guarded = _python("-m", "gradguard", "run", *target, cwd=tmp_path)
+    plain, guarded = failing_runs[case, launcher]
     assert plain.stderr, "the case must fail"
     assert guarded.stderr.splitlines() == [NOTHING_STEPPED, *plain.stderr.splitlines()]
     assert (guarded.returncode, guarded.stdout) == (plain.returncode, plain.stdout)
