@@ -493,13 +493,16 @@ class Guard:
             ),
         )
         self._defer_zero(verdict.maybe_zero, None)
-        self._defer(
-            _AFTER_PENDING,
-            [],
-            lambda _values, _alive: self._report(
-                "GG101", gg101.params(self._params), location, step
-            ),
-        )
+        if self._pending:  # some check named above is still on the device: report after it
+            self._defer(
+                _AFTER_PENDING,
+                [],
+                lambda _values, _alive: self._report(
+                    "GG101", gg101.params(self._params), location, step
+                ),
+            )
+        elif gg101.refs:
+            self._report("GG101", gg101.params(self._params), location, step)
         if verdict.nothing_to_apply and self._unwatched:
             self._held_empty = (location, step)  # told apart at the next step: see _judge
         elif verdict.nothing_to_apply:
