@@ -120,11 +120,20 @@ def codes(g: gradguard.Guard) -> list[str]:
 @pytest.fixture
 def subprocess_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Make child processes import gradguard from this checkout, with no GRADGUARD set."""
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + path if path else ""))
+    env = child_env()
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
     monkeypatch.delenv("GRADGUARD", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     return dict(os.environ)
+
+
+def child_env() -> dict[str, str]:
+    """An environment for a child process that imports gradguard from this checkout,
+    with no GRADGUARD or RANK set (for runs started outside a test's own environment)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GRADGUARD", "RANK")}
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+    return env
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import structlog
 import torch
-from conftest import ROOT
+from conftest import child_env
 from loops import BUGGY_SCRIPT, CORRECT_SCRIPT, train
 from test_pytest_plugin import LOOPS, _run
 
@@ -338,9 +338,7 @@ def _stderr_case(
 @pytest.fixture(scope="module")
 def stderr_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], StderrRun]:
     """Every fault under every way of running, started together: each is mostly torch's import."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GRADGUARD", "RANK")}
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+    env = child_env()
     base = tmp_path_factory.mktemp("stderr")
     cases = [(fault, how, str(mode)) for fault in STDERR_FAULTS for how, mode in HOWS]
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, child_env
 from loops import BUGGY_SCRIPT, CORRECT_SCRIPT
 from test_logs import FIELDS as JSON_FIELDS
 
@@ -338,9 +338,7 @@ def _plain_and_guarded(case: str, launcher: str, root: Path, env: dict[str, str]
 @pytest.fixture(scope="module")
 def failing_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Runs]:
     """Every failing case's runs, started together: each is mostly torch's import."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GRADGUARD", "RANK")}
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+    env = child_env()
     base = tmp_path_factory.mktemp("failing")
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         futures = {

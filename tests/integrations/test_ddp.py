@@ -172,22 +172,26 @@ print(f"rank {rank} done")
 """
 
 
-def test_runner_under_torchrun_writes_one_log_per_rank_and_only_the_buggy_rank_reports(
-    tmp_path, subprocess_env
-):
-    """torchrun -m gradguard run --log-json run-{rank}.jsonl: rank 1's bug is in run-1 only."""
+def _rank_one_log(source: str, tmp_path, env: dict[str, str]) -> list[str]:
+    """Run ``source`` on two ranks under ``torchrun -m gradguard run --mode=log`` with a log
+    per rank; both ranks finish and rank 0's log stays empty: rank 1's log lines."""
     script = tmp_path / "train.py"
-    script.write_text(TORCHRUN_SCRIPT)
+    script.write_text(source)
     log = f"--log-json={tmp_path / 'run-{rank}.jsonl'}"
-    proc = torchrun(
-        "-m", "gradguard", "run", "--mode=log", log, str(script), env=subprocess_env, cwd=tmp_path
-    )
+    proc = torchrun("-m", "gradguard", "run", "--mode=log", log, str(script), env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # Both ranks share the launcher's stdout, so their lines may interleave.
     assert "rank 0 done" in proc.stdout
     assert "rank 1 done" in proc.stdout
     assert (tmp_path / "run-0.jsonl").read_text() == ""
-    lines = (tmp_path / "run-1.jsonl").read_text().splitlines()
+    return (tmp_path / "run-1.jsonl").read_text().splitlines()
+
+
+def test_runner_under_torchrun_writes_one_log_per_rank_and_only_the_buggy_rank_reports(
+    tmp_path, subprocess_env
+):
+    """torchrun -m gradguard run --log-json run-{rank}.jsonl: rank 1's bug is in run-1 only."""
+    lines = _rank_one_log(TORCHRUN_SCRIPT, tmp_path, subprocess_env)
     # Finding records carry a code; the closing "summary" record counts them.
     records = [r for r in map(json.loads, lines) if r.get("event") not in ("summary", "norms")]
     assert [(r["code"], r["rank"], r["world_size"]) for r in records] == [("GG101", 1, 2)]
@@ -226,17 +230,7 @@ if __name__ == "__main__":
 
 def test_under_torchrun_each_ranks_children_report_to_that_ranks_log(tmp_path, subprocess_env):
     """A child of rank 1 with a bug is in run-1.jsonl, with the child's pid; run-0 stays empty."""
-    script = tmp_path / "train.py"
-    script.write_text(RANK_CHILD_SCRIPT)
-    log = f"--log-json={tmp_path / 'run-{rank}.jsonl'}"
-    proc = torchrun(
-        "-m", "gradguard", "run", "--mode=log", log, str(script), env=subprocess_env, cwd=tmp_path
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "rank 0 done" in proc.stdout
-    assert "rank 1 done" in proc.stdout
-    assert (tmp_path / "run-0.jsonl").read_text() == ""
-    lines = (tmp_path / "run-1.jsonl").read_text().splitlines()
+    lines = _rank_one_log(RANK_CHILD_SCRIPT, tmp_path, subprocess_env)
     finding, summary = map(json.loads, lines)
     assert (finding["code"], finding["step"], finding["params"]) == ("GG101", 2, ["weight", "bias"])
     assert finding["location"] == "train.py:16"
