@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from gradguard._sharded import version_of
-from gradguard._tracker import Slot
+from gradguard._tracker import Slot, usual_window
 
 _TENSOR = torch.Tensor
 
@@ -54,6 +54,9 @@ class StepVerdict:
         lost: parameters whose backward results a clear threw away before this step.
         lost_micro_batches: the most backward passes any parameter lost that way.
         micro_batches: the most backward passes any parameter saw since the last step.
+        usual: every parameter is trainable and holds backward's gradient,
+            untouched since, on nothing applied before (`all_fresh`): nothing
+            but ``fresh`` to judge.
     """
 
     stale: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -72,6 +75,7 @@ class StepVerdict:
     lost: list[torch.Tensor] = dataclasses.field(default_factory=list)
     lost_micro_batches: int = 0
     micro_batches: int = 0
+    usual: bool = False
 
     @property
     def nothing_to_apply(self) -> bool:
@@ -89,8 +93,24 @@ class StepVerdict:
         return self.trainable and not self.any_fresh and not self.assigned
 
 
-def judge_step(entries: list[tuple[torch.Tensor, Slot]]) -> StepVerdict:
-    """Sort the parameters a step is about to apply into a `StepVerdict`."""
+def judge_step(
+    entries: list[tuple[torch.Tensor, Slot]], params: list[torch.Tensor], slots: list[Slot]
+) -> StepVerdict:
+    """Sort the parameters a step is about to apply into a `StepVerdict`.
+
+    ``params`` and ``slots`` are the entries' two halves, in order.
+    """
+    micro = usual_window(params, slots)
+    if micro:  # the usual step, decided at C speed
+        applied = list(params)
+        return StepVerdict(
+            any_fresh=True,
+            trainable=True,
+            fresh=applied,
+            with_grad=applied[:],
+            micro_batches=micro,
+            usual=True,
+        )
     verdict = StepVerdict()
     # This runs per parameter at every step: the usual case is decided
     # inline, with the lists' append methods bound once.

@@ -48,7 +48,7 @@ from gradguard._health import (
 from gradguard._integrations import accumulation_steps as framework_accumulation
 from gradguard._integrations import unwrap
 from gradguard._models import ModelWatch, Sighting
-from gradguard._naming import Location, ParamNamer, fallback_names, user_location
+from gradguard._naming import Location, ParamNamer, Place, fallback_names
 from gradguard._ranks import Exchange
 from gradguard._ranks import compare as compare_ranks
 from gradguard._ranks import start as start_rank_check
@@ -88,6 +88,9 @@ _UNWATCHED_FIRST_STEP = "no parameter had a gradient at the first step gradguard
 # its `Sighting`: one per run, however many optimizers are guarded.
 _SIGHTED = False
 
+
+_PARAMS = operator.itemgetter("params")
+_GRAD = operator.attrgetter("grad")
 
 Resolver = Callable[[list[float], list["torch.Tensor | None"]], None]
 Params = list[torch.Tensor]
@@ -172,7 +175,7 @@ class _Pending:
 
 
 def _refs(params: list[torch.Tensor]) -> Refs:
-    return [weakref.ref(p) for p in params]
+    return list(map(weakref.ref, params))
 
 
 # Every optimizer's step runs inside torch's hook-calling wrapper; they all
@@ -220,6 +223,7 @@ class Guard:
         self._slots: dict[int, Slot] = {}
         self._params: list[torch.Tensor] = []
         self._cache: Entries = []
+        self._slot_list: list[Slot] = []  # the cache's slots, in order
         self._unhooked: Entries = []
         self._never_used: Entries = []
         self._unused: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
@@ -231,6 +235,8 @@ class Guard:
         self._tentative: dict[int, int] = {}
         self._found_zero: dict[int, int] = {}
         self._current: Entries | None = None
+        self._usual = False  # the step running was judged `usual`: see `mark_applied`
+        self._place: Place | None = None  # where the step being judged is
         self._zero_applied: set[int] = set()  # params this step applies as all-zero
         self._finite_probe = FiniteProbe(self._hook_failed)
         self._backward_norms = BackwardNorms(self._collect_raw, self._hook_failed)
@@ -241,7 +247,7 @@ class Guard:
         self._step = 0
         self._judge_next = judge_first_step
         self._unwatched = False  # the unwatched first step found no gradient: see _before_step
-        self._held_empty: tuple[Location, int] | None = None  # see _report_held_empty
+        self._held_empty: tuple[Place, int] | None = None  # see _report_held_empty
         self._judge_after: int | None = None  # frame of a closure step judged when it returns
         self._closed = False
         self._failed = False
@@ -353,6 +359,7 @@ class Guard:
         REGISTRY.new_window()
         entries = self._current if self._current is not None else self._entries(opt)
         self._current = None
+        usual, self._usual = self._usual, False
         error: BaseException | None = None
         if self._judge_after is not None and self._judge_after == wrapper:
             self._judge_after = None
@@ -360,10 +367,13 @@ class Guard:
                 self._judge(opt, entries)
             except _PROPAGATE as exc:
                 error = exc
-        if STEPS.inside():
+        if STEPS.frames and STEPS.running():
             return error  # nested: the outer step records what it applied, once judged
         zero_applied, self._zero_applied = self._zero_applied, set()
-        mark_applied(entries)
+        params, slots = (
+            (self._params, self._slot_list) if entries is self._cache else self._halves(entries)
+        )
+        mark_applied(entries, params, slots, usual=usual)
         if self._tentative:  # this step's apply replaced what earlier checks were about
             step = self._step
             self._tentative = {k: s for k, s in self._tentative.items() if s == step}
@@ -380,13 +390,15 @@ class Guard:
         may run backward and zero_grad inside itself, so what it applies is
         only known once it returns.
         """
-        if STEPS.running():
+        if STEPS.frames and STEPS.running():
             self._current = None
             return False  # nested in another step: one update, judged by the outer step
         self._step += 1
         self._judge_after = None  # a step that died raising never returned to be judged
-        LATENESS.step_began()
-        self._drain(wait=False)
+        if LATENESS.steps:
+            LATENESS.step_began()
+        if self._pending:
+            self._drain(wait=False)
         entries = self._current = self._entries(opt)
         if self._probe_shared:
             self._probe_shared = False
@@ -404,11 +416,12 @@ class Guard:
             return self._unwatched
         if closure is not None:
             return True
-        verdict = judge_step(entries)
-        if verdict.nothing_new:
+        verdict = judge_step(entries, self._params, self._slot_list)
+        if not verdict.usual and verdict.nothing_new:
             # Nothing new to apply yet: the step may make its own gradients
             # (GSAM's set_closure, any optimizer holding its closure).
             return True
+        self._usual = verdict.usual
         self._judge(opt, entries, verdict)
         return False
 
@@ -419,7 +432,8 @@ class Guard:
 
     def _on_zero_grad(self, opt: torch.optim.Optimizer) -> None:
         REGISTRY.new_window()
-        mark_cleared(self._entries(opt), STEPS.inside())
+        # `_before_zero_grad` brought the entries up to date a moment ago.
+        mark_cleared(self._cache, self._slot_list, bool(STEPS.frames) and STEPS.running())
 
     def _on_add_param_group(self, opt: torch.optim.Optimizer) -> None:
         self._entries(opt)
@@ -429,14 +443,26 @@ class Guard:
     def _judge(
         self, opt: torch.optim.Optimizer, entries: Entries, verdict: StepVerdict | None = None
     ) -> None:
+        self._place = Place()
+        try:
+            self._judge_at(opt, entries, verdict, self._place)
+        finally:
+            self._place = None
+
+    def _judge_at(
+        self,
+        opt: torch.optim.Optimizer,
+        entries: Entries,
+        verdict: StepVerdict | None,
+        location: Place,
+    ) -> None:
         every = self.options.check_ranks_every
         if every is not None and self._step % every == 0:
-            self._check_ranks(entries)  # first: every rank must take part, whatever it finds
+            self._check_ranks(entries, location)  # first: every rank must take part
         if verdict is None:
-            verdict = judge_step(entries)
+            verdict = judge_step(entries, *self._halves(entries))
         if not verdict.trainable:
             return
-        location = user_location()
         self._judge_lifecycle(verdict, location)
         window = self._windows.judge(verdict)
         if window is not None:
@@ -447,11 +473,16 @@ class Guard:
         if self.options.mode == "strict":
             self._drain(wait=True)  # the step's results, read with one sync: raised here
 
-    def _judge_lifecycle(self, verdict: StepVerdict, location: Location) -> None:
+    def _judge_lifecycle(self, verdict: StepVerdict, location: Place) -> None:
         """GG101-GG103: was this step's gradient made, kept and cleared at the right time."""
         step = self._step
         if self._held_empty is not None:
             self._report_held_empty(verdict.cleared)
+        if verdict.usual:
+            if self._finite_probe.holding:
+                self._finite_probe.take()  # what it read is about no gradient judged here
+            self._unwatched = False
+            return
         # A gradient some step applied is content until a zero check still on
         # the device says it was zeros (`_tentative`): GG101 about it waits.
         tentative = {id(p): self._tentative[id(p)] for p in self._uncertain(verdict)}
@@ -504,6 +535,7 @@ class Guard:
         elif gg101.refs:
             self._report("GG101", gg101.params(self._params), location, step)
         if verdict.nothing_to_apply and self._unwatched:
+            location.get()  # reported at the next step: where this one is, found now
             self._held_empty = (location, step)  # told apart at the next step: see _judge
         elif verdict.nothing_to_apply:
             self._report("GG103", [], location, step)
@@ -552,21 +584,21 @@ class Guard:
         self._defer(_AFTER_PENDING, params, resolve)
 
     def _stale_changed(
-        self, location: Location, tentative: dict[int, int], gg101: _Stale, check: ZeroCheck
+        self, location: Place, tentative: dict[int, int], gg101: _Stale, check: ZeroCheck
     ) -> None:
         """Stale, then changed in place: zeroed by a clear we cannot see, or clipped (GG101)."""
         if check.zero:
             self._unseen_clear(location, check)
         gg101.add([p for p in check.nonzero if not self._was_zeros(p, tentative)])
 
-    def _changed(self, location: Location, check: ZeroCheck) -> None:
+    def _changed(self, location: Place, check: ZeroCheck) -> None:
         """Fresh, then changed in place: all zero is a clear we cannot see, else a clip."""
         if check.complete and check.zero and not check.nonzero:
             self._unseen_clear(location, check)
 
     def _rewritten(
         self,
-        location: Location,
+        location: Place,
         gg101: _Stale,
         frozen: frozenset[int],
         again: frozenset[int],
@@ -589,7 +621,7 @@ class Guard:
         if only_zeros_left and check.complete and not nonzero:
             self._report("GG103", [], location, check.step)
 
-    def _unseen_clear(self, location: Location, check: ZeroCheck) -> None:
+    def _unseen_clear(self, location: Place, check: ZeroCheck) -> None:
         """Fresh gradients zeroed in place by something no wrapper sees: GG102 if a clear.
 
         A sanitising ``nan_to_num_`` leaves the same zeros when backward wrote
@@ -601,7 +633,7 @@ class Guard:
         elif check.finite == 1.0:
             self._report("GG102", check.zero, location, check.step)
 
-    def _check_ranks(self, entries: Entries) -> None:
+    def _check_ranks(self, entries: Entries, location: Place) -> None:
         """GG401: compare what this step applies with the other ranks, one small collective.
 
         Not for FSDP: its ranks hold different shards by design. Every rank
@@ -623,7 +655,6 @@ class Guard:
         exchange = start_rank_check([p.grad for p in params], self._step)
         if exchange is None:
             return
-        location = user_location()
         step = self._step
 
         def resolve(values: list[float], alive: list[torch.Tensor | None]) -> None:
@@ -636,9 +667,11 @@ class Guard:
 
         self._defer(exchange, params, resolve)
 
-    def _judge_models(self, entries: Entries, verdict: StepVerdict, location: Location) -> None:
+    def _judge_models(self, entries: Entries, verdict: StepVerdict, location: Place) -> None:
         """GG301-GG303: is every parameter really trained, by a model in train mode."""
-        self._report("GG303", self._models.in_eval(verdict.fresh), location, self._step)
+        in_eval = self._models.in_eval(verdict.fresh)
+        if in_eval:
+            self._report("GG303", in_eval, location, self._step)
         if self._never_used:
             still = []
             for param, slot in self._never_used:
@@ -655,7 +688,7 @@ class Guard:
             self._report("GG302", self._models.unoptimized(held), location, self._step)
             self._sight(held, location)
 
-    def _sight(self, held: set[int], location: Location) -> None:
+    def _sight(self, held: set[int], location: Place) -> None:
         """GG302 for modules gradguard was not told about: open a `Sighting`, or judge it."""
         global _SIGHTED
         sighting = self._sighting
@@ -679,7 +712,7 @@ class Guard:
             self._sighting.close()
             self._sighting = None
 
-    def _report_unused(self, final: bool, location: Location | None = None) -> None:
+    def _report_unused(self, final: bool, location: Place | None = None) -> None:
         due = []
         for key, (ref, born) in list(self._unused.items()):
             param = ref()
@@ -690,14 +723,14 @@ class Guard:
                 due.append(param)
                 del self._unused[key]
         if due:
-            where = location if location is not None else Location("", 0)
+            where = location if location is not None else Place.at(Location("", 0))
             detail = f"in {self.options.unused_after} steps"
             self._report("GG301", due, where, self._step, detail)
         if final:
             self._unused.clear()
 
     def _check_numerics(
-        self, opt: torch.optim.Optimizer, verdict: StepVerdict, location: Location
+        self, opt: torch.optim.Optimizer, verdict: StepVerdict, location: Place
     ) -> None:
         """GG201/GG202 from one batched norm per step, read back without a sync.
 
@@ -709,13 +742,13 @@ class Guard:
         """
         params = verdict.with_grad
         tamed = bool(verdict.changed or verdict.stale_changed)
-        raw = self._backward_norms.take()
+        raw = self._backward_norms.take() if self._backward_norms.armed else None
         if tamed and not self._backward_norms.armed and verdict.fresh:
             self._backward_norms.arm(verdict.fresh[0])
         self._backward_norms.window = max(1, verdict.micro_batches)
         if not self._cadence.due(params) and not self.options.record_norms:
             return
-        grads: list[torch.Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        grads: list[torch.Tensor] = list(map(_GRAD, params))
         # A fused optimizer under a GradScaler steps on still-scaled gradients;
         # the scaler leaves its scale and found-inf flag on the optimizer.
         scale = getattr(opt, "grad_scale", None)
@@ -741,7 +774,7 @@ class Guard:
         self,
         raw: tuple[Readback, list[weakref.ref[torch.Tensor]]],
         step: int,
-        location: Location,
+        location: Place,
     ) -> None:
         """GG202 on the norms backward left, for a step that clipped them."""
         readback, refs = raw
@@ -773,12 +806,14 @@ class Guard:
         norms: list[float],
         skipped: bool,
         step: int,
-        location: Location,
+        location: Place,
         *,
         explosion: bool = True,
     ) -> None:
         if skipped:
-            emit_info("skipped-step", step=step, optimizer=self.optimizer, location=str(location))
+            emit_info(
+                "skipped-step", step=step, optimizer=self.optimizer, location=str(location.get())
+            )
             return
         total = math.hypot(*norms)
         if not math.isfinite(total):
@@ -881,6 +916,8 @@ class Guard:
         if not self._pending and readback.ready():
             self._resolve(readback, list(params), resolve)  # no weak references needed
             return True
+        if self._place is not None:
+            self._place.get()  # judged after the step: where it is, found while it runs
         if self._fallback is None:  # the first result judged later: learn names now
             opt = self._opt_ref()
             self._fallback = fallback_names(opt.param_groups) if opt is not None else {}
@@ -921,7 +958,7 @@ class Guard:
         self,
         code: str,
         params: list[torch.Tensor],
-        location: Location,
+        location: Place,
         step: int,
         detail: str = "",
         names: tuple[str, ...] | None = None,
@@ -931,6 +968,7 @@ class Guard:
             params = self._trainable()  # none of them got a gradient
         if not params:
             return
+        where = location.get()
         if names is None:
             ids = tuple(id(p) for p in params)
             names = self._named.get(ids)
@@ -941,10 +979,10 @@ class Guard:
             step=step,
             optimizer=self.optimizer,
             params=names,
-            location=str(location),
+            location=str(where),
             detail=detail,
         )
-        self._reporter.report(finding, location.filename, location.lineno)
+        self._reporter.report(finding, where.filename, where.lineno)
 
     def _trainable(self) -> list[torch.Tensor]:
         opt = self._opt_ref()
@@ -967,11 +1005,12 @@ class Guard:
         every slot up again); per step only the parameters without a hook yet
         are revisited, to hook the unfrozen.
         """
-        params = list(itertools.chain.from_iterable(g["params"] for g in opt.param_groups))
+        params = list(itertools.chain.from_iterable(map(_PARAMS, opt.param_groups)))
         cached = self._params
         if len(params) != len(cached) or not all(map(operator.is_, params, cached)):
             self._params = params
             self._cache = self._build_entries(opt)
+            self._slot_list = [s for _, s in self._cache]
             self._probe_shared = True
             self._hook_fsdp = True
             self._sharded = None
@@ -985,6 +1024,12 @@ class Guard:
         if self._hook_fsdp:
             self._hook_sharded(self._cache)
         return self._cache
+
+    def _halves(self, entries: Entries) -> tuple[list[torch.Tensor], list[Slot]]:
+        """``entries``' parameters and slots, as two lists in order (cached for the usual ones)."""
+        if entries is self._cache:
+            return self._params, self._slot_list
+        return [p for p, _ in entries], [s for _, s in entries]
 
     def _hook_sharded(self, entries: Entries) -> None:
         """Hook FSDP2's unsharded and FSDP1's flat parameters for the slots they write to.
@@ -1104,6 +1149,7 @@ class Guard:
             _SIGHTED = False
         self._slots.clear()
         self._cache, self._unhooked, self._never_used, self._params = [], [], [], []
+        self._slot_list = []
         self._pending.clear()
         self._unused.clear()
         self._current = None

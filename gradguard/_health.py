@@ -13,6 +13,7 @@ import math
 import operator
 import weakref
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -79,7 +80,7 @@ class Readback:
     def __init__(self, values: torch.Tensor, order: list[int] | None = None) -> None:
         self._event: torch.cuda.Event | None = None
         self._order = order
-        self._due = LATENESS.due()
+        self._due = LATENESS.due() if LATENESS.steps else 0
         if values.device.type == "cpu":
             self._host = values
         elif values.device.type == "cuda":
@@ -92,7 +93,7 @@ class Readback:
 
     def ready(self) -> bool:
         """Whether `values` can be read without waiting for the device."""
-        if LATENESS.holds(self._due):  # tests: a device running behind
+        if (LATENESS.steps or LATENESS.until_close) and LATENESS.holds(self._due):  # tests
             return False
         return self._event is None or bool(self._event.query())  # type: ignore[no-untyped-call]
 
@@ -107,7 +108,7 @@ class Readback:
         if self._event is not None and not self._event.query():  # type: ignore[no-untyped-call]
             self._event.synchronize()  # sync-ok: only in strict mode or at close
         # tolist() on a host tensor reads memory directly: no op is dispatched.
-        flat = [float(v) for v in self._host.reshape(-1).tolist()]  # sync-ok: host memory
+        flat = list(map(float, self._host.reshape(-1).tolist()))  # sync-ok: host memory
         order = self._order
         if order is None:
             return flat
@@ -119,6 +120,7 @@ class Readback:
 
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
+_LAYOUT = operator.attrgetter("layout")
 
 # dtypes whose norm kernel accumulates in their own precision; the norm of a
 # complex tensor is real (float32 or float64).
@@ -132,6 +134,17 @@ def _one_device(grads: list[torch.Tensor]) -> bool:
         return False
     devices = set(map(_DEVICE, grads))
     return len(devices) == 1 and next(iter(devices)).type != "meta"
+
+
+def _plain(grads: list[torch.Tensor]) -> bool:
+    """Dense tensors of one dtype whose norm kernel keeps their precision (at C speed)."""
+    dtypes = set(map(_DTYPE, grads))
+    return (
+        len(dtypes) == 1
+        and dtypes <= _OWN_PRECISION
+        and all(map(operator.is_, map(type, grads), repeat(torch.Tensor)))
+        and all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided)))
+    )
 
 
 def _norms_of(grads: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -231,6 +244,7 @@ class FiniteProbe:
         self._param: weakref.ref[torch.Tensor] | None = None
         self._handle: RemovableHandle | None = None
         self._finite: torch.Tensor | None = None
+        self.holding = False  # a reading waits to be taken
 
     @property
     def key(self) -> int | None:
@@ -251,6 +265,7 @@ class FiniteProbe:
     def take(self) -> torch.Tensor | None:
         """The finiteness (a one-element bool tensor) the last backward left, then forget it."""
         finite, self._finite = self._finite, None
+        self.holding = False
         return finite
 
     def remove(self) -> None:
@@ -260,6 +275,7 @@ class FiniteProbe:
             self._handle = None
         self._param = None
         self._finite = None
+        self.holding = False
 
     def _on_accumulate(self, param: torch.Tensor) -> None:
         try:
@@ -267,6 +283,7 @@ class FiniteProbe:
             if grad is not None and not grad.is_sparse:
                 with torch.no_grad():
                     self._finite = torch.isfinite(local(grad)).all()
+                self.holding = True
         except Exception as exc:
             self.remove()
             self._on_error(exc)
@@ -284,7 +301,10 @@ def grad_norms(
     if not _one_device(grads):
         return None
     with torch.no_grad():
-        norms, order = _norms(grads)
+        if _plain(grads):  # the usual case, inline: this runs at every step
+            norms, order = torch.stack(torch._foreach_norm(grads)), None
+        else:
+            norms, order = _norms(grads)
         if scale is not None:
             norms = norms / scale.to(device=norms.device, dtype=norms.dtype)
         flag = (
@@ -416,6 +436,8 @@ class Cadence:
     def due(self, params: list[torch.Tensor]) -> bool:
         """Count one step; whether the checks run on it for these parameters' gradients."""
         self._count += 1
+        if self.every is None and len(params) <= self.per_step:
+            return True  # `period` is 1, inline: this runs at every step
         return (self._count - 1) % self.period(params) == 0
 
     def next_due(self, params: list[torch.Tensor]) -> bool:
@@ -455,14 +477,11 @@ class BackwardNorms:
         self._collect = collect
         self._on_error = on_error
         self._handle: RemovableHandle | None = None
+        self.armed = False  # the sentinel is hooked
         self._queued = False
         self.window = 1  # backward passes per step, as the last step had
         self._passes = 0  # since the last take
         self._taken: tuple[Readback, list[weakref.ref[torch.Tensor]]] | None = None
-
-    @property
-    def armed(self) -> bool:
-        return self._handle is not None
 
     def arm(self, sentinel: torch.Tensor) -> None:
         """Take the norms from the next backward into ``sentinel`` on; once."""
@@ -470,6 +489,7 @@ class BackwardNorms:
             self._handle = sentinel.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
                 self._on_sentinel
             )
+            self.armed = True
 
     def take(self) -> tuple[Readback, list[weakref.ref[torch.Tensor]]] | None:
         """The norms the last backward since the previous take left, and their parameters."""
@@ -482,6 +502,7 @@ class BackwardNorms:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        self.armed = False
         self._taken = None
 
     def _on_sentinel(self, param: torch.Tensor) -> None:

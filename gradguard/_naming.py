@@ -107,6 +107,30 @@ class Location(NamedTuple):
         return f"{_display_path(self.filename)}:{self.lineno}"
 
 
+class Place:
+    """Where a step is in the user's code, looked up only when first asked for.
+
+    A step that finds nothing never walks the stack. `get` reads the stack of
+    the moment, so it must first be called while that step still runs: the
+    guard does so before it leaves a result to be judged at a later step.
+    """
+
+    _location: Location | None = None  # no __init__: one is made at every step
+
+    @classmethod
+    def at(cls, location: Location) -> Place:
+        """A place already known."""
+        place = cls()
+        place._location = location
+        return place
+
+    def get(self) -> Location:
+        """The `user_location` of the step, found at the first call."""
+        if self._location is None:
+            self._location = user_location(2)
+        return self._location
+
+
 def user_location(skip: int = 1) -> Location:
     """Return the innermost frame of the user's own code as a `Location`.
 

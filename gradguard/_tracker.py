@@ -32,10 +32,12 @@ optimizer holds (`Slot.hook_sharded`).
 from __future__ import annotations
 
 import functools
+import operator
 import sys
 import threading
 import weakref
 from collections.abc import Callable
+from itertools import repeat
 from types import FrameType
 from typing import Any
 
@@ -45,6 +47,19 @@ from torch.utils.hooks import RemovableHandle
 from gradguard._sharded import is_dtensor, local, version_of
 
 _TENSOR = torch.Tensor
+# The hook's one allocation, by a name tests can make fail (fault containment).
+_ref = weakref.ref
+
+# The per-step passes over every parameter run these at C speed (`untouched`).
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
+_REF = operator.attrgetter("ref")
+_SEEN_VERSION = operator.attrgetter("version")
+_FRESH = operator.attrgetter("fresh")
+_STALE = operator.attrgetter("stale")
+_LOST = operator.attrgetter("lost")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_DEREF = weakref.ref.__call__
 
 ErrorHandler = Callable[[BaseException], None]
 
@@ -265,7 +280,7 @@ class Slot:
             return  # hooked since: a later change in place is no backward
         grad = param.grad
         if grad is not None and not self.holds(grad):
-            self._accumulated(param)
+            self._accumulated(param, grad)
         self.hook(param)
 
     def unhook(self) -> None:
@@ -284,7 +299,15 @@ class Slot:
         never left to break the user's backward; only a strict guard raises.
         """
         try:
-            self._accumulated(param)
+            grad = param.grad
+            # The usual case, inline (this runs per parameter at every backward):
+            # the first gradient since a clear to None, in a single process.
+            simple = not (self.fresh or self.shared or REGISTRY.distributed)
+            if simple and self.ref is None and type(grad) is _TENSOR and not _compiling():
+                self.ref, self.version = _ref(grad), grad._version
+                self.fresh, self.used, self.discarded = 1, True, 0
+            else:
+                self._accumulated(param, grad)
         except Exception as exc:
             self.failed(exc)
         if REGISTRY.frozen:
@@ -301,13 +324,15 @@ class Slot:
         if raised is not None:
             raise raised
 
-    def _accumulated(self, param: torch.Tensor) -> None:
-        grad = param.grad
+    def _accumulated(self, param: torch.Tensor, grad: torch.Tensor | None) -> None:
         if grad is None:
             # Backward wrote it, and a hook registered before ours used it and
-            # cleared it: the tutorial's optimizer step in backward.
+            # cleared it: the tutorial's optimizer step in backward. What is
+            # gone applies nothing: while `ref` is None, `applied` and `stale`
+            # are False (the hook's inline path relies on it).
             self.ref = None
             self.used = True
+            self.applied = self.stale = False
             return
         # Only DDP, FSDP (or another hook sharing a buffer) changes a
         # gradient before the pass ends; a single process without views
@@ -337,7 +362,7 @@ class Slot:
             # `_restart`, inline: this runs per parameter at every backward.
             if self.fresh:
                 self._end_fresh(param, grad)
-            self.ref = weakref.ref(grad)
+            self.ref = _ref(grad)
             self.stale = False
             self.fresh = 1
         self.used = True
@@ -543,27 +568,79 @@ def inside_backward() -> bool:
     return _graph_task_id() >= 0
 
 
-def mark_cleared(entries: list[tuple[torch.Tensor, Slot]], inside_step: bool) -> None:
+def mark_cleared(
+    entries: list[tuple[torch.Tensor, Slot]], slots: list[Slot], inside_step: bool
+) -> None:
     """An observed ``zero_grad`` just cleared these parameters' gradients.
 
-    `Slot.on_clear` for each; a slot with nothing fresh to lose, the usual
-    case, is done inline, since this runs per parameter at every clear.
+    ``slots`` are the entries' slots, in order. `Slot.on_clear` for each; the
+    usual case, a clear to ``None`` of gradients a step applied, is done
+    inline, since this runs per parameter at every clear.
     """
+    params = map(operator.itemgetter(0), entries)
+    cleared = all(map(operator.is_, map(_GRAD, params), repeat(None)))
+    if cleared and not inside_step and not any(map(_FRESH, slots)):
+        for slot in slots:
+            slot.ref, slot.version, slot.stale, slot.applied = None, -1, False, False
+        return
     for param, slot in entries:
         if slot.fresh or inside_step:
             slot.on_clear(param, inside_step)
             continue
         slot.stale = slot.applied = False
-        grad = param.grad
-        if grad is None:
-            slot.ref = None
-            slot.version = -1
-        else:
-            slot.see(grad)
+        slot.see(param.grad)
 
 
-def mark_applied(entries: list[tuple[torch.Tensor, Slot]]) -> None:
-    """A step just consumed these parameters' gradients."""
+def untouched(params: list[torch.Tensor], slots: list[Slot]) -> bool:
+    """Whether each parameter holds exactly the gradient its slot last saw, in the version
+    it saw: a plain tensor, not replaced or changed in place since (at C speed)."""
+    refs = list(map(_REF, slots))
+    if None in refs:
+        return False
+    grads = list(map(_GRAD, params))
+    return (
+        all(map(operator.is_, grads, map(_DEREF, refs)))
+        and all(map(operator.is_, map(type, grads), repeat(_TENSOR)))
+        and list(map(_VERSION, grads)) == list(map(_SEEN_VERSION, slots))
+    )
+
+
+def usual_window(params: list[torch.Tensor], slots: list[Slot]) -> int:
+    """The backward passes of a usual step's window, else 0 (at C speed).
+
+    Usual: every parameter is trainable and holds the gradient backward left,
+    untouched since, on nothing a step applied, with no backward result lost.
+    """
+    fresh = list(map(_FRESH, slots))
+    usual = (
+        bool(fresh)
+        and 0 not in fresh
+        and not any(map(_STALE, slots))
+        and not any(map(_LOST, slots))
+        and all(map(_REQUIRES_GRAD, params))
+        and untouched(params, slots)
+    )
+    return max(fresh) if usual else 0
+
+
+def mark_applied(
+    entries: list[tuple[torch.Tensor, Slot]],
+    params: list[torch.Tensor],
+    slots: list[Slot],
+    usual: bool = False,
+) -> None:
+    """A step just consumed these parameters' gradients.
+
+    ``params`` and ``slots`` are the entries' two halves, in order; ``usual``:
+    the step was judged so (`usual_window`), and is recorded inline if
+    nothing changed since.
+    """
+    if usual and 0 not in map(_FRESH, slots) and untouched(params, slots):
+        # Fresh slots have nothing discarded, and within a step judged usual
+        # none turns stale or loses a result: only these change.
+        for slot, version in zip(slots, map(_VERSION, params), strict=True):
+            slot.fresh, slot.applied, slot.param_version = 0, True, version
+        return
     for param, slot in entries:
         grad = param.grad
         if grad is None:

@@ -111,7 +111,7 @@ def test_internal_failure_is_contained_in_log_mode(net, monkeypatch, capsys):
     """A bug inside gradguard is logged once, disables the guard, and training goes on."""
     import gradguard._guard as guard_module
 
-    def broken(entries):
+    def broken(*args):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(guard_module, "judge_step", broken)
@@ -131,7 +131,7 @@ def test_internal_failure_surfaces_in_strict_mode(net, monkeypatch, capsys):
     """In strict mode a failure inside gradguard raises GradGuardInternalError."""
     import gradguard._guard as guard_module
 
-    monkeypatch.setattr(guard_module, "judge_step", lambda entries: 1 / 0)
+    monkeypatch.setattr(guard_module, "judge_step", lambda *args: 1 / 0)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with gradguard.guarding(opt, mode="strict"):
         opt.zero_grad()

@@ -249,3 +249,64 @@ def test_guarding_never_scans_the_heap_when_a_framework_is_imported(monkeypatch,
         opt.step()
     assert g.options.accumulation_steps is None
     assert g.findings == []
+
+
+# -- Python work per step, counted with sys.settrace --------------------------
+
+_PACKAGE = str(Path(gradguard.__file__).resolve().parent)
+# Budgets on a correct loop: per parameter tensor per step, and per step besides.
+CALLS_PER_TENSOR = 1.2
+LINES_PER_TENSOR = 15
+CALLS_PER_STEP = 40
+
+
+def python_work(tensors: int, steps: int = 3) -> tuple[float, float]:
+    """gradguard's Python calls and lines per step on the correct loop, counted by settrace.
+
+    Only frames of gradguard's own files count: torch's and the loop's do not.
+    """
+    model = chain(tensors)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    calls = lines = 0
+
+    def tracer(frame: types.FrameType, event: str, arg: object) -> Callable[..., object] | None:
+        nonlocal calls, lines
+        if not frame.f_code.co_filename.startswith(_PACKAGE):
+            return None
+        if event == "call":
+            calls += 1
+        elif event == "line":
+            lines += 1
+        return tracer
+
+    with gradguard.guarding(opt, model=model) as g:
+        for _ in range(WARMUP):
+            correct(model, opt, x)
+        sys.settrace(tracer)
+        try:
+            for _ in range(steps):
+                correct(model, opt, x)
+        finally:
+            sys.settrace(None)
+        assert g.findings == []
+    return calls / steps, lines / steps
+
+
+def test_python_work_per_step_stays_within_budget(device_results):
+    """A correct step costs at most 1.2 calls and 15 lines per tensor, and 40 calls besides."""
+    small_calls, small_lines = python_work(10)
+    large_calls, large_lines = python_work(210)
+    calls_per_tensor = (large_calls - small_calls) / 200
+    lines_per_tensor = (large_lines - small_lines) / 200
+    assert calls_per_tensor <= CALLS_PER_TENSOR
+    assert lines_per_tensor <= LINES_PER_TENSOR
+    if device_results == "eager":  # later results add a queue and the step's location
+        assert small_calls - 10 * calls_per_tensor <= CALLS_PER_STEP
+
+
+def test_python_work_counter_sees_the_per_tensor_path(monkeypatch):
+    """With every step taken for unusual, gradguard's per-tensor Python loops show in the count."""
+    monkeypatch.setattr("gradguard._checks.usual_window", lambda params, slots: 0)
+    lines_per_tensor = (python_work(110)[1] - python_work(10)[1]) / 100
+    assert lines_per_tensor > LINES_PER_TENSOR

@@ -23,17 +23,20 @@ from test_pytest_plugin import _plugin_args
 
 import gradguard
 import gradguard.testing
+from gradguard import _tracker
 from gradguard._findings import make_finding
 from gradguard._guard import _GUARDS, Guard
 from gradguard._health import Readback
-from gradguard._tracker import REGISTRY, Slot
+from gradguard._tracker import REGISTRY
 
 # -- fault containment -------------------------------------------------------
 
-# Each of gradguard's own hooks, as (owner, the method holding its body, the
+# Each of gradguard's own hooks, as (owner, a function its body calls, the
 # call of it that fails, what the internal-error event names as the place).
-HOOKS: dict[str, tuple[type, str, int, str]] = {
-    "post-accumulate": (Slot, "_accumulated", 6, "the post-accumulate hook"),
+HOOKS: dict[str, tuple[object, str, int, str]] = {
+    # The post-accumulate hook's body is inline; the weak reference it takes
+    # to each new gradient is the one call in it.
+    "post-accumulate": (_tracker, "_ref", 6, "the post-accumulate hook"),
     "step pre-hook": (Guard, "_before_step", 3, "the step pre-hook"),
     "step post-hook": (Guard, "_after_step", 3, "the step post-hook"),
     "zero_grad wrapper": (Guard, "_on_zero_grad", 3, "the zero_grad wrapper"),
