@@ -49,9 +49,9 @@ from gradguard._integrations import accumulation_steps as framework_accumulation
 from gradguard._integrations import unwrap
 from gradguard._models import ModelWatch, Sighting
 from gradguard._naming import Location, ParamNamer, Place, fallback_names
-from gradguard._ranks import Exchange
 from gradguard._ranks import compare as compare_ranks
 from gradguard._ranks import start as start_rank_check
+from gradguard._schedule import AFTER_PENDING, Schedule
 from gradguard._session import session_defaults
 from gradguard._sharded import is_sharded
 from gradguard._sharded import sources as sharded_sources
@@ -92,7 +92,6 @@ _SIGHTED = False
 _PARAMS = operator.itemgetter("params")
 _GRAD = operator.attrgetter("grad")
 
-Resolver = Callable[[list[float], list["torch.Tensor | None"]], None]
 Params = list[torch.Tensor]
 
 
@@ -122,19 +121,6 @@ class ZeroCheck:
 ZeroJudge = Callable[[ZeroCheck], None]
 
 
-class _Now:
-    """A result with no values, ready at once: queued, it is judged after those before it."""
-
-    def ready(self) -> bool:
-        return True
-
-    def values(self) -> list[float]:
-        return []
-
-
-_AFTER_PENDING = _Now()
-
-
 class _Stale:
     """GG101's parameters for one step, from every check that names them.
 
@@ -158,20 +144,6 @@ class _Stale:
             return []
         ordered = [p for p in order if id(p) in found]
         return ordered if len(ordered) == len(found) else list(found.values())
-
-
-class _Pending:
-    """A device-side result not read back yet, the parameters it is about, and its use."""
-
-    __slots__ = ("params", "readback", "resolve")
-
-    def __init__(
-        self, readback: Readback | Exchange | _Now, params: Refs, resolve: Resolver
-    ) -> None:
-        self.readback = readback
-        # Parameters, not gradients: naming them later must not keep grads alive.
-        self.params = params
-        self.resolve = resolve
 
 
 def _refs(params: list[torch.Tensor]) -> Refs:
@@ -228,7 +200,7 @@ class Guard:
         self._never_used: Entries = []
         self._unused: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self._named: dict[tuple[int, ...], tuple[str, ...]] = {}  # naming is not free
-        self._pending: list[_Pending] = []
+        self._schedule = Schedule(self._going_late)
         self._fallback: dict[int, str] | None = None  # group names, for after the optimizer
         # param id -> the step whose zero check, still on the device, says whether
         # what that step applied was zeros; and the latest step whose check did.
@@ -295,10 +267,10 @@ class Guard:
         Closing does this too; call it to read `findings` complete mid-run
         (it is one host-device sync on CUDA when anything is pending).
         """
-        if self._closed or not self._pending:
+        if self._closed or not self._schedule.queue:
             return
         try:
-            self._drain(wait=True)
+            self._schedule.drain(wait=True)
         except _PROPAGATE:
             raise
         except Exception as exc:
@@ -310,7 +282,7 @@ class Guard:
             self._sweep()  # hooks a failure left for later, now that it is safe
             return
         try:
-            self._drain(wait=True)
+            self._schedule.drain(wait=True)
             self._report_held_empty([])
             self._report_unused(final=True)
         except _PROPAGATE:
@@ -380,7 +352,7 @@ class Guard:
         if zero_applied:
             for param, slot in entries:
                 if id(param) in zero_applied:
-                    slot.applied = False
+                    slot.found_zeros()
         return error
 
     def _before_step(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> bool:
@@ -397,8 +369,8 @@ class Guard:
         self._judge_after = None  # a step that died raising never returned to be judged
         if LATENESS.steps:
             LATENESS.step_began()
-        if self._pending:
-            self._drain(wait=False)
+        if self._schedule.queue:
+            self._schedule.drain(wait=False)
         entries = self._current = self._entries(opt)
         if self._probe_shared:
             self._probe_shared = False
@@ -471,7 +443,7 @@ class Guard:
             self._check_numerics(opt, verdict, location)
         self._judge_models(entries, verdict, location)
         if self.options.mode == "strict":
-            self._drain(wait=True)  # the step's results, read with one sync: raised here
+            self._schedule.drain(wait=True)  # the step's results, read with one sync: raised here
 
     def _judge_lifecycle(self, verdict: StepVerdict, location: Place) -> None:
         """GG101-GG103: was this step's gradient made, kept and cleared at the right time."""
@@ -524,9 +496,9 @@ class Guard:
             ),
         )
         self._defer_zero(verdict.maybe_zero, None)
-        if self._pending:  # some check named above is still on the device: report after it
-            self._defer(
-                _AFTER_PENDING,
+        if self._schedule.queue:  # some check named above is still on the device: report after it
+            self._schedule.defer(
+                AFTER_PENDING,
                 [],
                 lambda _values, _alive: self._report(
                     "GG101", gg101.params(self._params), location, step
@@ -581,7 +553,7 @@ class Guard:
         def resolve(values: list[float], alive: list[torch.Tensor | None]) -> None:
             gg101.add([p for p in alive if p is not None and not self._was_zeros(p, tentative)])
 
-        self._defer(_AFTER_PENDING, params, resolve)
+        self._schedule.defer(AFTER_PENDING, params, resolve)
 
     def _stale_changed(
         self, location: Place, tentative: dict[int, int], gg101: _Stale, check: ZeroCheck
@@ -617,7 +589,7 @@ class Guard:
         for p in nonzero:
             slot = self._slots.get(id(p))
             if slot is not None and id(p) not in frozen | again:
-                slot.used = True
+                slot.mark_used()
         if only_zeros_left and check.complete and not nonzero:
             self._report("GG103", [], location, check.step)
 
@@ -665,7 +637,7 @@ class Guard:
             # A step or count mismatch is about the whole model, not some parameters.
             self._report("GG401", named or self._trainable(), location, step, found.detail)
 
-        self._defer(exchange, params, resolve)
+        self._schedule.defer(exchange, params, resolve)
 
     def _judge_models(self, entries: Entries, verdict: StepVerdict, location: Place) -> None:
         """GG301-GG303: is every parameter really trained, by a model in train mode."""
@@ -766,7 +738,7 @@ class Guard:
             if self.options.check_numerics:
                 self._numerics(params, norms, skip != 0, step, location, explosion=not tamed)
 
-        self._defer(readback, params, resolve)
+        self._schedule.defer(readback, params, resolve)
         if tamed and raw is not None and self.options.check_numerics:
             self._check_raw(raw, step, location)
 
@@ -790,7 +762,7 @@ class Guard:
                 top = [params[i] for i in largest_shares(norms)]
                 self._report("GG202", [p for p in top if p is not None], location, step, why)
 
-        self._defer(readback, alive, resolve)
+        self._schedule.defer(readback, alive, resolve)
 
     def _collect_raw(self) -> list[torch.Tensor] | None:
         """What `BackwardNorms` norms when a backward ends: if the next step checks, every
@@ -891,68 +863,26 @@ class Guard:
                 self._found_zero[id(p)] = step
                 slot = self._slots.get(id(p))
                 if slot is not None:
-                    slot.applied = slot.stale = False
+                    slot.found_zeros()
             if judge is not None:
                 complete = len(zero) + len(nonzero) == count
                 unknown = [p for p, z in zip(alive, flags, strict=True) if z != z and p is not None]
                 judge(ZeroCheck(step, zero, nonzero, complete, finite, unknown))
 
-        if self._defer(readback, params, resolve):
+        if self._schedule.defer(readback, params, resolve):
             return True
         for p in params:  # what this step applies is content until the device says
             self._tentative[id(p)] = step
         return False
 
-    def _defer(
-        self, readback: Readback | Exchange | _Now, params: list[torch.Tensor], resolve: Resolver
-    ) -> bool:
-        """Resolve now when the values are readable (CPU), else later (strict mode: at
-        the end of the step's judgement, all with one sync).
-
-        Results are judged in the order they were computed: one queued behind
-        an earlier result still pending waits for it. Returns whether it was
-        judged now.
-        """
-        if not self._pending and readback.ready():
-            self._resolve(readback, list(params), resolve)  # no weak references needed
-            return True
+    def _going_late(self) -> None:
+        """A result is left for a later step: fix what it needs from this moment."""
         if self._place is not None:
-            self._place.get()  # judged after the step: where it is, found while it runs
+            self._place.get()  # where the step is, found while it runs
         if self._fallback is None:  # the first result judged later: learn names now
             opt = self._opt_ref()
             self._fallback = fallback_names(opt.param_groups) if opt is not None else {}
             self._namer.prepare(self._params)
-        self._pending.append(_Pending(readback, _refs(params), resolve))
-        return False
-
-    def _drain(self, wait: bool) -> None:
-        """Judge the pending results that have arrived (all of them with ``wait``), in order.
-
-        Waiting, it waits once, for the newest device result: those computed
-        before it on the stream are complete then too.
-        """
-        if wait:
-            newest = [p.readback for p in self._pending if isinstance(p.readback, Readback)]
-            if newest:
-                newest[-1].wait()
-        while self._pending:
-            pending = self._pending[0]
-            if not (wait or pending.readback.ready()):
-                return
-            del self._pending[0]
-            self._resolve(pending.readback, [r() for r in pending.params], pending.resolve)
-
-    def _resolve(
-        self,
-        readback: Readback | Exchange | _Now,
-        alive: list[torch.Tensor | None],
-        resolve: Resolver,
-    ) -> None:
-        """Read a device result back and judge it; runs in a step pre-hook or in `close`.
-
-        ``alive``: the parameters it is about, ``None`` for those collected since.
-        """
-        resolve(readback.values(), alive)
 
     def _report(
         self,
@@ -1150,7 +1080,7 @@ class Guard:
         self._slots.clear()
         self._cache, self._unhooked, self._never_used, self._params = [], [], [], []
         self._slot_list = []
-        self._pending.clear()
+        self._schedule.clear()
         self._unused.clear()
         self._current = None
 
@@ -1200,9 +1130,9 @@ class Guard:
         # The optimizer is gone, its last steps' device results are not: judge
         # them (named by the models; nothing may raise out of a gc callback).
         try:
-            self._drain(wait=True)
+            self._schedule.drain(wait=True)
         except BaseException as exc:  # strict findings included: there is no step to raise from
-            self._pending.clear()
+            self._schedule.clear()
             if not isinstance(exc, _PROPAGATE):
                 self._fail(exc, "the optimizer's collection")
         self._detach()
@@ -1220,7 +1150,7 @@ class Guard:
         if self._failed:
             return
         self._failed = True
-        self._pending.clear()
+        self._schedule.clear()
         try:
             # Strict mode raises out of torch's hook loop, which then never
             # steps its iterator again: removing our hook now is safe.

@@ -543,6 +543,17 @@ class Slot:
             self.ref = weakref.ref(grad)
         self.version = version_of(grad)
 
+    def found_zeros(self) -> None:
+        """The device found the gradient a step applies, or applied, all zeros.
+
+        Nothing was applied, so nothing accumulated onto it later is stale.
+        """
+        self.applied = self.stale = False
+
+    def mark_used(self) -> None:
+        """A gradient written by hand, with content, is applied: the parameter trains."""
+        self.used = True
+
     def holds(self, grad: torch.Tensor) -> bool:
         """Whether ``grad`` is exactly the object and version last seen."""
         return self.ref is not None and self.ref() is grad and version_of(grad) == self.version

@@ -27,6 +27,7 @@ from gradguard import _tracker
 from gradguard._findings import make_finding
 from gradguard._guard import _GUARDS, Guard
 from gradguard._health import Readback
+from gradguard._schedule import Schedule
 from gradguard._tracker import REGISTRY
 
 # -- fault containment -------------------------------------------------------
@@ -40,7 +41,7 @@ HOOKS: dict[str, tuple[object, str, int, str]] = {
     "step pre-hook": (Guard, "_before_step", 3, "the step pre-hook"),
     "step post-hook": (Guard, "_after_step", 3, "the step post-hook"),
     "zero_grad wrapper": (Guard, "_on_zero_grad", 3, "the zero_grad wrapper"),
-    "deferred resolution": (Guard, "_resolve", 2, "the step pre-hook"),
+    "deferred resolution": (Schedule, "resolve", 2, "the step pre-hook"),
 }
 
 # Where a strict guard raises each hook's failure: the call that ran the hook.
