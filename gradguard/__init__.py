@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from gradguard._api import guard, guard_of, guarding, unguard
 from gradguard._dispatch import SummaryRow
 from gradguard._exceptions import (
     AccumulationMismatchError,
@@ -34,7 +35,7 @@ from gradguard._exceptions import (
     UnusedParameterWarning,
 )
 from gradguard._findings import CATALOGUE, Finding
-from gradguard._guard import Guard, guard, guard_of, guarding, unguard
+from gradguard._guard import Guard
 from gradguard._session import install, uninstall
 
 __all__ = [

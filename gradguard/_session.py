@@ -245,7 +245,7 @@ class Session:
     def _settle() -> Exception | None:
         """Settle every live guard, the user's own too: their findings reach this
         session's sinks while it has them. Returns the strict finding raised, if any."""
-        from gradguard._guard import settle_all
+        from gradguard._api import settle_all
 
         try:
             settle_all()
@@ -303,7 +303,7 @@ class Session:
         if isinstance(self._log, ChildLog):
             self._log.watching()
         try:
-            from gradguard._guard import attach, guard_of
+            from gradguard._api import attach, guard_of
 
             if guard_of(opt) is None:
                 g = attach(
