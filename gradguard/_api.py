@@ -3,7 +3,7 @@
 They check their arguments where they are passed, then create, find or close
 the optimizer's `Guard` (``gradguard._guard``), which owns the hooks. A guard
 created without ``mode=``, ``ignore=`` or ``record_norms=`` takes them from
-the active session (`gradguard._session.session_defaults`).
+the active session (`gradguard._config.session_defaults`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from gradguard._config import Options, describe, make_options
+from gradguard._config import Options, describe, make_options, session_defaults
 from gradguard._dispatch import _log, has_record_sinks
 from gradguard._guard import _GUARDS, _LOCK, _PROPAGATE, Guard
 from gradguard._integrations import accumulation_steps as framework_accumulation
 from gradguard._integrations import unwrap
-from gradguard._session import session_defaults
 from gradguard._stderr import say
 
 OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)

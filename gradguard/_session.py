@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import threading
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO, cast
@@ -25,7 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradguard import _children
 from gradguard._children import ChildLog, Follow
-from gradguard._config import validate_bool
+from gradguard._config import activate, deactivate, validate_bool
 from gradguard._dispatch import (
     MODES,
     Mode,
@@ -52,9 +51,7 @@ if TYPE_CHECKING:
 Setting = Literal["warn", "strict", "log", "off"]
 SETTINGS: tuple[Setting, ...] = (*MODES, "off")
 
-_ACTIVE: list[Session] = []
 _INSTALLED: Session | None = None
-_LOCK = threading.Lock()
 
 
 def validate_setting(value: object, source: str = "mode") -> Setting:
@@ -69,27 +66,6 @@ def parse_setting(text: object, source: str) -> Setting:
     """
     value = text.strip().lower() if isinstance(text, str) else text
     return validate_setting(value if value in SETTINGS else text, source)
-
-
-class Defaults(NamedTuple):
-    """What a guard created without these arguments takes from the active session."""
-
-    mode: Mode
-    ignore: frozenset[str]
-    record_norms: bool
-
-
-def session_defaults() -> Defaults:
-    """The innermost active session's mode, ignored codes and ``record_norms``.
-
-    Without a session: ``"warn"``, nothing and ``False``. A guard created
-    without ``mode=`` under ``gradguard run --mode strict`` is strict: the
-    command line decides what the code left open.
-    """
-    if _ACTIVE:
-        session = _ACTIVE[-1]
-        return Defaults(session.mode, session.ignore, session.record_norms)
-    return Defaults("warn", frozenset(), False)
 
 
 class Session:
@@ -185,8 +161,7 @@ class Session:
                 )
         if self._follow is not None or self.is_child:
             _children.track(self)
-        with _LOCK:
-            _ACTIVE.append(self)
+        activate(self)
 
     # The log is looked up at each call: a fork replaces it (`forked`).
     def _log_finding(self, finding: Finding, first: bool) -> None:
@@ -207,9 +182,7 @@ class Session:
         if not self.active:
             return
         self.active = False
-        with _LOCK:
-            if self in _ACTIVE:
-                _ACTIVE.remove(self)
+        deactivate(self)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
