@@ -9,6 +9,7 @@ judging that first step: the backward before it ran before any hook existed.
 Used by `gradguard.install`, ``gradguard run`` and the pytest plugin. The
 first two also follow the Python processes the program starts
 (``gradguard._children``): their findings join this session's log and summary.
+In such a child, the startup hook starts its own session here (`start_child`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from gradguard._findings import Finding
 from gradguard._jsonlog import JsonLog, now, record, resolve_path
 from gradguard._naming import REGISTRATIONS
 from gradguard._report import Record, Run, plural, render_table, wants_colour, width_for
+from gradguard._startup import say as say_once
 from gradguard._stderr import say
 
 if TYPE_CHECKING:
@@ -419,6 +421,56 @@ def _where(part: int, total: int, processes: int) -> str:
     return f", {where}" if part == total else f", {part} of them {where}"
 
 
+# -- a followed child's own session ---------------------------------------------
+
+_CHILD: Session | None = None  # the session the startup hook started in this process
+_LEFT = False  # this process stopped reporting to its parent run
+
+
+def start_child() -> Session | None:
+    """Start this child's session if it is a followed child and has none yet."""
+    global _CHILD, _LEFT
+    if _CHILD is not None or _LEFT:
+        return _CHILD
+    found = _children.settings()
+    if found is None:  # not followed, or unreadable: said once, never tried again
+        _LEFT = True
+        return None
+    session = Session(
+        found.mode,
+        ignore=found.ignore,
+        record_norms=found.record_norms,
+        child_of=found.directory,
+    )
+    # Not a hook of its own: this may run inside torch's loop over the global hooks.
+    session.start(global_hook=False)
+    _CHILD = session
+    return session
+
+
+def on_child_step(opt: Any, args: Any, kwargs: Any) -> None:
+    """The startup hook's step pre-hook: discover ``opt`` in this child's session."""
+    global _LEFT
+    try:
+        session = start_child()
+        if session is not None and session.active:
+            session.discover(opt)
+    except Exception as exc:  # never break the child's step
+        _LEFT = True
+        say_once(f"runs unguarded from now on: {type(exc).__name__}: {exc}")
+
+
+def leave_parent_run() -> None:
+    """Stop reporting to the parent run: an explicit `install` or ``gradguard run`` here wins."""
+    global _CHILD, _LEFT
+    if _CHILD is None and _children.settings() is None:
+        return  # not a followed child
+    _LEFT = True
+    session, _CHILD = _CHILD, None
+    if session is not None:
+        session.stop_quietly()
+
+
 def install(
     mode: str = "warn",
     *,
@@ -479,7 +531,7 @@ def install(
         )
     uninstall()
     if parent is not None:
-        _children.leave()
+        leave_parent_run()
     if session is None:
         return
     global _INSTALLED
