@@ -1,14 +1,32 @@
-"""How gradguard's modules depend on each other."""
+"""What importing gradguard costs and how its modules depend on each other."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import types
 from pathlib import Path
 
-from conftest import ROOT
+import pytest
+from conftest import ROOT, child_env
+
+import gradguard
 
 PACKAGE = ROOT / "gradguard"
 _DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that imports gradguard from this checkout."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def _module_name(path: Path) -> str:
@@ -55,6 +73,8 @@ def _import_graph() -> dict[str, set[str]]:
     graph["sitecustomize"] = graph["gradguard._startup"]
     outside_functions = [n for n in startup.body if not isinstance(n, _DEFINITIONS)]
     graph["gradguard._startup"] = _imported(ast.Module(outside_functions, []), modules)
+    # The package imports these by name at their first use (PEP 562), out of the AST's sight.
+    graph["gradguard"] |= set(vars(gradguard)["_NEED_TORCH"].values())
     for name, imported in graph.items():
         imported.discard(name)
     return graph
@@ -103,3 +123,56 @@ def test_the_import_graph_sees_imports_inside_functions() -> None:
 def test_no_import_cycle_among_gradguards_modules() -> None:
     """No gradguard module imports, directly or through others, a module that imports it."""
     assert _cycles(_import_graph()) == []
+
+
+def test_importing_gradguard_does_not_import_torch() -> None:
+    """`import gradguard` and its exception classes, `Finding` and `CATALOGUE` leave torch out."""
+    proc = _python(
+        "import sys, gradguard\n"
+        "assert gradguard.GradGuardError.__module__ == 'gradguard'\n"
+        "assert gradguard.CATALOGUE['GG101'].name == 'stale-gradient'\n"
+        "assert gradguard.Finding and gradguard.SummaryRow\n"
+        "assert 'torch' not in sys.modules, 'import gradguard imported torch'\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_guard_works_after_a_torch_free_import() -> None:
+    """Reaching for `gradguard.guard` imports what it needs, and it catches a bug as before."""
+    proc = _python(
+        "import sys, gradguard\n"
+        "guard = gradguard.guard\n"
+        "assert 'torch' in sys.modules\n"
+        "import torch\n"
+        "model = torch.nn.Linear(2, 1)\n"
+        "opt = guard(torch.optim.SGD(model.parameters(), lr=0.1), mode='strict')\n"
+        "model(torch.ones(1, 2)).sum().backward()\n"
+        "opt.zero_grad()\n"
+        "try:\n"
+        "    opt.step()\n"
+        "except gradguard.ClearedBeforeStepError as exc:\n"
+        "    print(exc.finding.code)\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["GG102"]
+
+
+def test_every_public_name_is_in_all_and_dir() -> None:
+    """`from gradguard import *` finds every name in `__all__`, and `dir()` lists them sorted."""
+    namespace: dict[str, object] = {}
+    exec("from gradguard import *", namespace)
+    assert set(namespace) - {"__builtins__"} == set(gradguard.__all__)
+    listed = dir(gradguard)
+    assert listed == sorted(listed)
+    public = {
+        name
+        for name in listed
+        if not name.startswith("_") and not isinstance(getattr(gradguard, name), types.ModuleType)
+    }
+    assert public - set(gradguard.__all__) == {"TYPE_CHECKING", "annotations"}
+
+
+def test_a_misspelt_name_is_an_attribute_error() -> None:
+    """An attribute gradguard does not have raises AttributeError naming it, as for any module."""
+    with pytest.raises(AttributeError, match="module 'gradguard' has no attribute 'gaurd'"):
+        gradguard.gaurd  # type: ignore[attr-defined]  # noqa: B018
