@@ -2,9 +2,10 @@
 
 Registered through the ``pytest11`` entry point, so every pytest run in an
 environment with gradguard loads it. It lives outside the ``gradguard``
-package because importing that package imports torch; until a test asks for
-gradguard (``--gradguard``, the ``gradguard`` ini key, ``GRADGUARD``, the
-marker or the ``gradguard_findings`` fixture) nothing here imports either.
+package so that loading it imports nothing of gradguard's: until a test asks
+for gradguard (``--gradguard``, the ``gradguard`` ini key, ``GRADGUARD``, the
+marker or the ``gradguard_findings`` fixture) nothing here imports gradguard
+or torch.
 
 Precedence for the mode: marker > command line > environment > ini > off.
 """
@@ -155,7 +156,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         settings = _settings(config)
         if settings.mode != "off" and settings.ignore:
-            # Only a run that uses gradguard pays for importing it (and torch).
+            # Only a run that uses gradguard pays for importing it.
             _check_codes(settings.ignore, settings.ignore_source)
     except _BadSetting as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -182,7 +183,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _check_codes(codes: tuple[str, ...], where: str) -> frozenset[str]:
-    """Check ``codes`` against the catalogue; imports gradguard (and so torch)."""
+    """Check ``codes`` against the catalogue; imports gradguard, not torch."""
     from gradguard._dispatch import validate_codes
 
     return _canonical(validate_codes, codes, where)
@@ -292,10 +293,11 @@ def _end_at_the_step(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     tracebacks from the raw ``tb_next`` chain, so the chain itself is cut.
     """
     from gradguard._exceptions import GradGuardError
-    from gradguard._naming import step_frames
 
     if not isinstance(excinfo.value, GradGuardError) or excinfo.value.finding is None:
         return
+    from gradguard._naming import step_frames  # imports torch: only for a finding's error
+
     chain = []
     tb: types.TracebackType | None = excinfo.tb
     while tb is not None:

@@ -1,9 +1,17 @@
 """gradguard: catch gradient-handling bugs in PyTorch training loops while they run.
 
 >>> opt = gradguard.guard(torch.optim.AdamW(model.parameters()), model=model)
+
+Importing gradguard does not import torch: the names that need it (`guard`,
+`Guard`, `install`...) import it at their first use, so code that only
+catches gradguard's errors or reads its findings (a test suite, a log
+processor) never pays for torch's import.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from gradguard._dispatch import SummaryRow
 from gradguard._exceptions import (
@@ -34,8 +42,22 @@ from gradguard._exceptions import (
     UnusedParameterWarning,
 )
 from gradguard._findings import CATALOGUE, Finding
-from gradguard._guard import Guard, guard, guard_of, guarding, unguard
-from gradguard._session import install, uninstall
+
+if TYPE_CHECKING:
+    from gradguard._api import guard, guard_of, guarding, unguard
+    from gradguard._guard import Guard
+    from gradguard._session import install, uninstall
+
+_NEED_TORCH = {
+    "Guard": "gradguard._guard",
+    "guard": "gradguard._api",
+    "guard_of": "gradguard._api",
+    "guarding": "gradguard._api",
+    "install": "gradguard._session",
+    "unguard": "gradguard._api",
+    "uninstall": "gradguard._session",
+}
+"""The public names whose modules import torch, and those modules."""
 
 __all__ = [
     "CATALOGUE",
@@ -76,3 +98,23 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def _import_on_use(name: str) -> object:
+    """The module attribute ``name``, importing its module (and torch) the first time."""
+    module = _NEED_TORCH.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradguard' has no attribute {name!r}")
+    value: object = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups find it without this function
+    return value
+
+
+if not TYPE_CHECKING:
+    # Only at run time: a type checker sees the imports above, and a module
+    # `__getattr__` would make it accept any misspelt attribute of gradguard.
+    __getattr__ = _import_on_use
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_NEED_TORCH})

@@ -8,8 +8,9 @@ started from then on inherits them: multiprocessing's spawn and forkserver
 children, ``subprocess`` runs of python, torchrun's workers. At the end,
 `Follow.collect` reads what the children wrote there and removes it all.
 
-Child side: the startup hook calls `on_step` at every optimizer step (and
-`start_child` when gradguard is imported), which starts a `Session` whose
+Child side: the startup hook calls ``gradguard._session.on_child_step`` at
+every optimizer step (and ``start_child`` when gradguard is imported), which,
+where `settings` finds a run to report to, starts a `Session` whose
 findings, norms and one ``watching`` record per optimizer go to
 ``<directory>/<pid>.jsonl``, written as they happen, so a child that dies
 still leaves them. A process forked from a followed one (``fork`` children,
@@ -48,8 +49,6 @@ _PATH_VAR = "PYTHONPATH"
 
 # Sessions that follow children or report to a parent: a fork must re-point them.
 _FOLLOWING: weakref.WeakSet[Session] = weakref.WeakSet()
-_CHILD: Session | None = None  # the session the startup hook started in this process
-_LEFT = False  # this process stopped reporting to its parent run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,52 +181,6 @@ def settings() -> Settings | None:
     if found.owner == os.getpid() or not os.path.isdir(found.directory):
         return None  # the run itself, or one that has ended
     return found
-
-
-def start_child() -> Session | None:
-    """Start this child's session if it is a followed child and has none yet."""
-    global _CHILD, _LEFT
-    if _CHILD is not None or _LEFT:
-        return _CHILD
-    found = settings()
-    if found is None:  # not followed, or unreadable: said once, never tried again
-        _LEFT = True
-        return None
-    from gradguard._session import Session
-
-    session = Session(
-        found.mode,
-        ignore=found.ignore,
-        record_norms=found.record_norms,
-        child_of=found.directory,
-    )
-    # Not a hook of its own: this may run inside torch's loop over the global hooks.
-    session.start(global_hook=False)
-    _CHILD = session
-    return session
-
-
-def on_step(opt: Any, args: Any, kwargs: Any) -> None:
-    """The startup hook's step pre-hook: discover ``opt`` in this child's session."""
-    global _LEFT
-    try:
-        session = start_child()
-        if session is not None and session.active:
-            session.discover(opt)
-    except Exception as exc:  # never break the child's step
-        _LEFT = True
-        _say(f"runs unguarded from now on: {type(exc).__name__}: {exc}")
-
-
-def leave() -> None:
-    """Stop reporting to the parent run: an explicit `install` or ``gradguard run`` here wins."""
-    global _CHILD, _LEFT
-    if _CHILD is None and settings() is None:
-        return  # not a followed child
-    _LEFT = True
-    session, _CHILD = _CHILD, None
-    if session is not None:
-        session.stop_quietly()
 
 
 def track(session: Session) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import threading
+from typing import NamedTuple, Protocol
 
 from gradguard._dispatch import Mode, validate_codes, validate_mode
 
@@ -55,6 +57,59 @@ def make_options(
         record_norms=validate_bool("record_norms", record_norms),
         check_ranks_every=_positive_int("check_ranks_every", check_ranks_every, optional=True),
     )
+
+
+class Defaults(NamedTuple):
+    """What a guard created without these arguments takes from the active session."""
+
+    mode: Mode
+    ignore: frozenset[str]
+    record_norms: bool
+
+
+class Source(Protocol):
+    """A session, as the guards created while it is active see it."""
+
+    @property
+    def mode(self) -> Mode: ...
+
+    @property
+    def ignore(self) -> frozenset[str]: ...
+
+    @property
+    def record_norms(self) -> bool: ...
+
+
+# The active sessions, innermost last. Here rather than in `_session` so that
+# creating a guard reads them without importing the module that attaches guards.
+_ACTIVE: list[Source] = []
+_LOCK = threading.Lock()
+
+
+def activate(session: Source) -> None:
+    """Make ``session`` the innermost: guards created from now on take its defaults."""
+    with _LOCK:
+        _ACTIVE.append(session)
+
+
+def deactivate(session: Source) -> None:
+    """Stop giving ``session``'s defaults; the one active before it gives them again."""
+    with _LOCK:
+        if session in _ACTIVE:
+            _ACTIVE.remove(session)
+
+
+def session_defaults() -> Defaults:
+    """The innermost active session's mode, ignored codes and ``record_norms``.
+
+    Without a session: ``"warn"``, nothing and ``False``. A guard created
+    without ``mode=`` under ``gradguard run --mode strict`` is strict: the
+    command line decides what the code left open.
+    """
+    if _ACTIVE:
+        session = _ACTIVE[-1]
+        return Defaults(session.mode, session.ignore, session.record_norms)
+    return Defaults("warn", frozenset(), False)
 
 
 def validate_bool(name: str, value: object) -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -13,16 +11,16 @@ import sys
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradguard._checks import StepVerdict, Windows, judge_step
-from gradguard._config import Options, describe, make_options
+from gradguard._config import Options
 from gradguard._dispatch import (
     Reporter,
     SummaryRow,
@@ -45,17 +43,13 @@ from gradguard._health import (
     largest_shares,
     zero_flags,
 )
-from gradguard._integrations import accumulation_steps as framework_accumulation
-from gradguard._integrations import unwrap
 from gradguard._models import ModelWatch, Sighting
 from gradguard._naming import Location, ParamNamer, Place, fallback_names
 from gradguard._ranks import compare as compare_ranks
 from gradguard._ranks import start as start_rank_check
 from gradguard._schedule import AFTER_PENDING, Schedule
-from gradguard._session import session_defaults
 from gradguard._sharded import is_sharded
 from gradguard._sharded import sources as sharded_sources
-from gradguard._stderr import say
 from gradguard._tracker import (
     REGISTRY,
     STEPS,
@@ -67,7 +61,6 @@ from gradguard._tracker import (
     mark_cleared,
 )
 
-OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 Entries = list[tuple[torch.Tensor, Slot]]
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
@@ -1159,277 +1152,3 @@ class Guard:
             self._closed = True
             where = f"{where} (then removing its hooks failed: {detach_exc!r})"
         self._reporter.internal_error(exc, where)
-
-
-def _models(model: object) -> list[nn.Module]:
-    if model is None:
-        return []
-    if isinstance(model, nn.Module):
-        return [model]
-    allowed = "model must be an nn.Module, a list of them, or None"
-    if isinstance(model, (str, bytes, torch.Tensor)) or not isinstance(model, Iterable):
-        raise TypeError(f"{allowed}; got {describe(model)}")
-    models = list(model)
-    for m in models:
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"{allowed}; got an item of type {describe(m)}")
-    return models
-
-
-def _check_optimizer(optimizer: object, caller: str = "guard") -> torch.optim.Optimizer:
-    """The torch optimizer ``optimizer`` is or wraps; a TypeError naming it if none.
-
-    ``caller`` names the function in the message. Only `guard` and `guarding`
-    need an optimizer whose step can be hooked.
-    """
-    attaching = caller in ("guard", "guarding")
-    if isinstance(optimizer, nn.Module):
-        how = (
-            f"use {caller}(torch.optim.SGD(model.parameters(), ...), model=model)"
-            if attaching
-            else "pass the optimizer that was guarded"
-        )
-        raise TypeError(
-            f"{caller}() takes the optimizer, not the model ({type(optimizer).__name__}); {how}"
-        )
-    optimizer = unwrap(optimizer)  # Accelerate's and Lightning's wrappers: guard what they wrap
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"{caller}() needs a torch.optim.Optimizer; got {describe(optimizer)}")
-    if attaching and not hasattr(optimizer, "_optimizer_step_pre_hooks"):
-        raise TypeError(
-            f"{type(optimizer).__name__} never called torch.optim.Optimizer.__init__, so its step "
-            "cannot be hooked; guard the optimizer it wraps instead"
-        )
-    return optimizer
-
-
-def _checked(
-    optimizer: object,
-    model: object,
-    mode: object,
-    ignore: object,
-    record_norms: object,
-    options: dict[str, Any],
-    caller: str = "guard",
-) -> tuple[torch.optim.Optimizer, list[nn.Module], Options]:
-    """Every argument of `guard` checked, before anything is attached; raises naming the bad one.
-
-    ``mode``, ``ignore`` and ``record_norms`` left as ``None`` come from the
-    active `install` session (the runner, the pytest plugin), else
-    ``"warn"``, nothing and ``False``.
-    """
-    opt = _check_optimizer(optimizer, caller)
-    defaults = session_defaults()
-    checked = make_options(
-        mode=defaults.mode if mode is None else mode,
-        ignore=defaults.ignore if ignore is None else ignore,
-        record_norms=defaults.record_norms if record_norms is None else record_norms,
-        **options,
-    )
-    return opt, _models(model), checked
-
-
-def attach(
-    optimizer: object,
-    *,
-    model: nn.Module | Iterable[nn.Module] | None = None,
-    mode: str | None = None,
-    ignore: Iterable[str] | None = None,
-    record_norms: bool | None = None,
-    judge_first_step: bool = True,
-    **options: Any,
-) -> Guard:
-    """Validate the arguments and return the optimizer's guard, creating it if needed.
-
-    See `_checked` for what the arguments left as ``None`` mean.
-    """
-    opt, models, checked = _checked(optimizer, model, mode, ignore, record_norms, options)
-    if checked.accumulation_steps is None:
-        steps = framework_accumulation(opt, optimizer)
-        if steps is not None:
-            checked = dataclasses.replace(checked, accumulation_steps=steps)
-    with _LOCK:
-        existing = _GUARDS.get(opt)
-        if existing is not None and not existing.closed:
-            return existing
-        g = Guard(opt, models=models, options=checked, judge_first_step=judge_first_step)
-        _GUARDS[opt] = g
-    if checked.record_norms and not has_record_sinks():
-        _log().warning(
-            "record-norms-without-log",
-            optimizer=g.optimizer,
-            note="record_norms=True writes to a JSON log, and none is open; start one with "
-            "gradguard.install(log_json=PATH) or gradguard run --log-json PATH",
-        )
-    return g
-
-
-def guard(
-    optimizer: OptimizerT,
-    *,
-    model: nn.Module | Iterable[nn.Module] | None = None,
-    mode: str | None = None,
-    ignore: Iterable[str] | None = None,
-    accumulation_steps: int | None = None,
-    check_numerics: bool = True,
-    numerics_every: int | None = None,
-    explode_factor: float = 100.0,
-    max_grad_norm: float | None = None,
-    unused_after: int = 20,
-    record_norms: bool | None = None,
-    check_ranks_every: int | None = None,
-) -> OptimizerT:
-    """Watch ``optimizer`` for gradient-handling bugs and return it unchanged.
-
-    Args:
-        optimizer: any ``torch.optim.Optimizer``; the same object comes back.
-        model: the module (or modules) owning the parameters, for names such
-            as ``encoder.0.weight`` and the model-level checks; found
-            automatically when omitted.
-        mode: ``"warn"`` (a `GradGuardWarning` plus a log event), ``"strict"``
-            (raise a `GradGuardError` at the step) or ``"log"`` (log event only).
-            Omitted, it is the mode of ``gradguard run``, `gradguard.install`
-            or the pytest plugin when one is active, else ``"warn"``.
-        ignore: finding codes to silence, e.g. ``["GG103"]``; omitted, the
-            active session's.
-        accumulation_steps: micro-batches per step, if you accumulate on
-            purpose; enables GG104 instead of GG105.
-        check_numerics: run the non-finite (GG201) and exploding (GG202)
-            checks, one batched norm per step on the device.
-        numerics_every: run them every this many steps. By default every
-            step, except on a CPU with more than 256 gradient tensors, where
-            the norm pass loops over tensors: every ceil(n / 256)-th step.
-        explode_factor: GG202 fires when the total gradient norm reaches this
-            multiple of the largest norm of any earlier step, or rises at each
-            of 6 steps in a row by this factor in all.
-        max_grad_norm: GG202 also fires above this absolute total norm.
-        unused_after: steps after which a parameter that never received a
-            gradient is reported (GG301).
-        record_norms: write every step's total gradient norm and its norm
-            per top-level module (the 8 largest, the rest as ``"(other)"``)
-            to the open JSON logs (`gradguard.install` with ``log_json=``,
-            ``gradguard run --log-json``), for ``gradguard report --plot``.
-            Computed in the same batched pass as the numeric checks, which
-            then run every step. Omitted, the active session's setting.
-        check_ranks_every: under ``torch.distributed``, every this many steps
-            compare a fingerprint of the gradients about to be applied across
-            ranks, with one small collective, and report ranks that disagree
-            (GG401). Off by default; for data-parallel replicas (DDP), not
-            sharded training (FSDP), where it is skipped with a log line.
-
-    Raises:
-        TypeError: ``optimizer`` is not an optimizer (a model, ``None``, ...),
-            or an option has the wrong type.
-        ValueError: unknown ``mode`` or finding code, or an out-of-range option.
-    """
-    attach(
-        optimizer,
-        model=model,
-        mode=mode,
-        ignore=ignore,
-        accumulation_steps=accumulation_steps,
-        check_numerics=check_numerics,
-        numerics_every=numerics_every,
-        explode_factor=explode_factor,
-        max_grad_norm=max_grad_norm,
-        unused_after=unused_after,
-        record_norms=record_norms,
-        check_ranks_every=check_ranks_every,
-    )
-    return optimizer
-
-
-def guarding(
-    optimizer: torch.optim.Optimizer,
-    *,
-    model: nn.Module | Iterable[nn.Module] | None = None,
-    mode: str | None = None,
-    ignore: Iterable[str] | None = None,
-    accumulation_steps: int | None = None,
-    check_numerics: bool = True,
-    numerics_every: int | None = None,
-    explode_factor: float = 100.0,
-    max_grad_norm: float | None = None,
-    unused_after: int = 20,
-    record_norms: bool | None = None,
-    check_ranks_every: int | None = None,
-) -> contextlib.AbstractContextManager[Guard]:
-    """Guard ``optimizer`` inside a ``with`` block; every hook is removed on exit, even on error.
-
-    Takes the same arguments as `guard`, and checks them at the call, as it
-    does. Yields the `Guard`, whose ``findings`` and ``summary()`` stay
-    readable after the block. An optimizer that was already guarded keeps
-    its guard.
-    """
-    options: dict[str, Any] = {
-        "accumulation_steps": accumulation_steps,
-        "check_numerics": check_numerics,
-        "numerics_every": numerics_every,
-        "explode_factor": explode_factor,
-        "max_grad_norm": max_grad_norm,
-        "unused_after": unused_after,
-        "check_ranks_every": check_ranks_every,
-    }
-    opt = _checked(optimizer, model, mode, ignore, record_norms, options, "guarding")[0]
-    return _guarding(
-        opt, model=model, mode=mode, ignore=ignore, record_norms=record_norms, **options
-    )
-
-
-@contextlib.contextmanager
-def _guarding(opt: torch.optim.Optimizer, **arguments: Any) -> Iterator[Guard]:
-    owned = _GUARDS.get(opt) is None
-    g = attach(opt, **arguments)
-    try:
-        yield g
-    finally:
-        if owned:
-            g.close()
-
-
-def settle_all() -> None:
-    """`Guard.settle` every live guard: what they found reaches today's sinks.
-
-    The first strict finding is raised once every guard has settled.
-    """
-    error: BaseException | None = None
-    for g in list(_GUARDS.values()):
-        try:
-            g.settle()
-        except _PROPAGATE as exc:
-            error = error or exc
-    if error is not None:
-        raise error
-
-
-def _settle_at_exit() -> None:
-    """At interpreter exit: a result still on the device is about a step that ran."""
-    try:
-        settle_all()
-    except Exception as exc:  # the interpreter is going away; say what, never raise
-        say(f"gradguard: {type(exc).__name__}: {exc}")
-
-
-atexit.register(_settle_at_exit)
-
-
-def unguard(optimizer: torch.optim.Optimizer) -> Guard | None:
-    """Report anything pending, remove every hook from ``optimizer`` and return its guard.
-
-    Raises:
-        TypeError: ``optimizer`` is not an optimizer (or a framework's wrapper of one).
-    """
-    g = _GUARDS.get(_check_optimizer(optimizer, "unguard"))
-    if g is not None:
-        g.close()
-    return g
-
-
-def guard_of(optimizer: torch.optim.Optimizer) -> Guard | None:
-    """The live guard watching ``optimizer``, if any.
-
-    Raises:
-        TypeError: ``optimizer`` is not an optimizer (or a framework's wrapper of one).
-    """
-    g = _GUARDS.get(_check_optimizer(optimizer, "guard_of"))
-    return None if g is None or g.closed else g

@@ -17,12 +17,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any
-
-import torch
 
 from gradguard._findings import Finding
 from gradguard._stderr import say
@@ -36,6 +35,11 @@ _BATCH_LINES = 256
 
 def _distributed() -> tuple[int, int] | None:
     """``(rank, world_size)`` when torch.distributed is initialised, else ``None``."""
+    # Looked up, not imported: a process that never imported torch has no process
+    # group, and writing a log must not cost it the import.
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -9,6 +9,7 @@ judging that first step: the backward before it ran before any hook existed.
 Used by `gradguard.install`, ``gradguard run`` and the pytest plugin. The
 first two also follow the Python processes the program starts
 (``gradguard._children``): their findings join this session's log and summary.
+In such a child, the startup hook starts its own session here (`start_child`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import threading
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO, cast
@@ -25,7 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradguard import _children
 from gradguard._children import ChildLog, Follow
-from gradguard._config import validate_bool
+from gradguard._config import activate, deactivate, validate_bool
 from gradguard._dispatch import (
     MODES,
     Mode,
@@ -41,6 +41,7 @@ from gradguard._findings import Finding
 from gradguard._jsonlog import JsonLog, now, record, resolve_path
 from gradguard._naming import REGISTRATIONS
 from gradguard._report import Record, Run, plural, render_table, wants_colour, width_for
+from gradguard._startup import say as say_once
 from gradguard._stderr import say
 
 if TYPE_CHECKING:
@@ -52,9 +53,7 @@ if TYPE_CHECKING:
 Setting = Literal["warn", "strict", "log", "off"]
 SETTINGS: tuple[Setting, ...] = (*MODES, "off")
 
-_ACTIVE: list[Session] = []
 _INSTALLED: Session | None = None
-_LOCK = threading.Lock()
 
 
 def validate_setting(value: object, source: str = "mode") -> Setting:
@@ -69,27 +68,6 @@ def parse_setting(text: object, source: str) -> Setting:
     """
     value = text.strip().lower() if isinstance(text, str) else text
     return validate_setting(value if value in SETTINGS else text, source)
-
-
-class Defaults(NamedTuple):
-    """What a guard created without these arguments takes from the active session."""
-
-    mode: Mode
-    ignore: frozenset[str]
-    record_norms: bool
-
-
-def session_defaults() -> Defaults:
-    """The innermost active session's mode, ignored codes and ``record_norms``.
-
-    Without a session: ``"warn"``, nothing and ``False``. A guard created
-    without ``mode=`` under ``gradguard run --mode strict`` is strict: the
-    command line decides what the code left open.
-    """
-    if _ACTIVE:
-        session = _ACTIVE[-1]
-        return Defaults(session.mode, session.ignore, session.record_norms)
-    return Defaults("warn", frozenset(), False)
 
 
 class Session:
@@ -185,8 +163,7 @@ class Session:
                 )
         if self._follow is not None or self.is_child:
             _children.track(self)
-        with _LOCK:
-            _ACTIVE.append(self)
+        activate(self)
 
     # The log is looked up at each call: a fork replaces it (`forked`).
     def _log_finding(self, finding: Finding, first: bool) -> None:
@@ -207,9 +184,7 @@ class Session:
         if not self.active:
             return
         self.active = False
-        with _LOCK:
-            if self in _ACTIVE:
-                _ACTIVE.remove(self)
+        deactivate(self)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -245,7 +220,7 @@ class Session:
     def _settle() -> Exception | None:
         """Settle every live guard, the user's own too: their findings reach this
         session's sinks while it has them. Returns the strict finding raised, if any."""
-        from gradguard._guard import settle_all
+        from gradguard._api import settle_all
 
         try:
             settle_all()
@@ -303,7 +278,7 @@ class Session:
         if isinstance(self._log, ChildLog):
             self._log.watching()
         try:
-            from gradguard._guard import attach, guard_of
+            from gradguard._api import attach, guard_of
 
             if guard_of(opt) is None:
                 g = attach(
@@ -446,6 +421,56 @@ def _where(part: int, total: int, processes: int) -> str:
     return f", {where}" if part == total else f", {part} of them {where}"
 
 
+# -- a followed child's own session ---------------------------------------------
+
+_CHILD: Session | None = None  # the session the startup hook started in this process
+_LEFT = False  # this process stopped reporting to its parent run
+
+
+def start_child() -> Session | None:
+    """Start this child's session if it is a followed child and has none yet."""
+    global _CHILD, _LEFT
+    if _CHILD is not None or _LEFT:
+        return _CHILD
+    found = _children.settings()
+    if found is None:  # not followed, or unreadable: said once, never tried again
+        _LEFT = True
+        return None
+    session = Session(
+        found.mode,
+        ignore=found.ignore,
+        record_norms=found.record_norms,
+        child_of=found.directory,
+    )
+    # Not a hook of its own: this may run inside torch's loop over the global hooks.
+    session.start(global_hook=False)
+    _CHILD = session
+    return session
+
+
+def on_child_step(opt: Any, args: Any, kwargs: Any) -> None:
+    """The startup hook's step pre-hook: discover ``opt`` in this child's session."""
+    global _LEFT
+    try:
+        session = start_child()
+        if session is not None and session.active:
+            session.discover(opt)
+    except Exception as exc:  # never break the child's step
+        _LEFT = True
+        say_once(f"runs unguarded from now on: {type(exc).__name__}: {exc}")
+
+
+def leave_parent_run() -> None:
+    """Stop reporting to the parent run: an explicit `install` or ``gradguard run`` here wins."""
+    global _CHILD, _LEFT
+    if _CHILD is None and _children.settings() is None:
+        return  # not a followed child
+    _LEFT = True
+    session, _CHILD = _CHILD, None
+    if session is not None:
+        session.stop_quietly()
+
+
 def install(
     mode: str = "warn",
     *,
@@ -506,7 +531,7 @@ def install(
         )
     uninstall()
     if parent is not None:
-        _children.leave()
+        leave_parent_run()
     if session is None:
         return
     global _INSTALLED

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 ENV_VAR = "GRADGUARD_CHILDREN"
 
 _said = False
-_forward: "Any" = None  # gradguard._children.on_step, imported at the first step
+_forward: "Any" = None  # gradguard._session.on_child_step, imported at the first step
 
 
 def say(message: str) -> None:
@@ -61,9 +61,9 @@ def _step_hook(opt: object, args: object, kwargs: object) -> None:
     if _forward is None:
         _forward = _nothing
         try:
-            from gradguard._children import on_step
+            from gradguard._session import on_child_step
 
-            _forward = on_step
+            _forward = on_child_step
         except Exception as exc:
             _say(exc)
     _forward(opt, args, kwargs)
@@ -77,7 +77,7 @@ def _torch_loaded() -> None:
 
 def _gradguard_loaded() -> None:
     # A guard() call in the child with no mode= must find the run's mode.
-    from gradguard._children import start_child
+    from gradguard._session import start_child
 
     start_child()
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from importlib.machinery import SourceFileLoader
 from typing import NoReturn
 
-from gradguard import _children, _plot
+from gradguard import _plot
 from gradguard._dispatch import validate_codes
 from gradguard._exceptions import ERRORS, GradGuardError
 from gradguard._jsonlog import resolve_path
@@ -41,7 +41,7 @@ from gradguard._report import (
     wants_colour,
     width_for,
 )
-from gradguard._session import SETTINGS, Session, parse_setting
+from gradguard._session import SETTINGS, Session, leave_parent_run, parse_setting
 from gradguard._stderr import say
 
 ENV_VAR = "GRADGUARD"
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if script is None and module is None:
         run_parser.error("give a script to run, or -m module")
     # A run started inside a followed process is a run of its own.
-    _children.leave()
+    leave_parent_run()
 
     env = os.environ.get(ENV_VAR, "")
     try:

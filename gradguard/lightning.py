@@ -21,10 +21,11 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from gradguard._api import attach, guard_of
 from gradguard._config import OPTION_NAMES, make_options
 from gradguard._dispatch import SummaryRow
 from gradguard._findings import Finding
-from gradguard._guard import Guard, attach, guard_of
+from gradguard._guard import Guard
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback

@@ -211,6 +211,38 @@ def test_nothing_heavy_was_imported():
     result.assert_outcomes(passed=1)
 
 
+def test_a_run_whose_tests_import_gradguard_but_never_guard_ends_without_torch(
+    pytester: pytest.Pytester,
+) -> None:
+    """With gradguard off, tests importing its errors (one failing) never make it import torch."""
+    pytester.makeconftest(
+        """
+import sys
+
+
+def pytest_sessionfinish(session):
+    (session.config.rootpath / "torch_imported.txt").write_text(str("torch" in sys.modules))
+"""
+    )
+    pytester.makepyfile(
+        test_unrelated="def test_adds():\n    assert 1 + 1 == 2\n",
+        test_uses_errors="""
+import gradguard
+
+
+def test_errors_are_runtime_errors():
+    assert issubclass(gradguard.StaleGradientError, RuntimeError)
+
+
+def test_fails():
+    assert gradguard.CATALOGUE["GG101"].name == "stale"
+""",
+    )
+    result = _run(pytester)
+    result.assert_outcomes(passed=2, failed=1)
+    assert (pytester.path / "torch_imported.txt").read_text() == "False"
+
+
 def test_record_norms_in_a_test_goes_to_the_runs_json_log(pytester: pytest.Pytester) -> None:
     """A test's guard(..., record_norms=True) writes one norms record per step to the run's log."""
     pytester.makepyfile(

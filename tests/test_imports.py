@@ -1,0 +1,178 @@
+"""What importing gradguard costs and how its modules depend on each other."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, child_env
+
+import gradguard
+
+PACKAGE = ROOT / "gradguard"
+_DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that imports gradguard from this checkout."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _module_name(path: Path) -> str:
+    return "gradguard" if path.stem == "__init__" else f"gradguard.{path.stem}"
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imported(node: ast.AST, modules: set[str]) -> set[str]:
+    """The gradguard modules ``node`` imports anywhere inside it, functions included.
+
+    Imports under ``if TYPE_CHECKING:`` never run and are left out.
+    """
+    found: set[str] = set()
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child):
+            for other in child.orelse:
+                found |= _imported(other, modules)
+            continue
+        if isinstance(child, ast.Import):
+            found |= {alias.name for alias in child.names}
+        elif isinstance(child, ast.ImportFrom) and child.module:
+            submodules = {f"{child.module}.{alias.name}" for alias in child.names}
+            found |= (submodules & modules) or {child.module}
+        found |= _imported(child, modules)
+    return found & modules
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Each gradguard module and the gradguard modules it imports, at any time."""
+    paths = sorted(PACKAGE.glob("*.py"))
+    modules = {_module_name(p) for p in paths}
+    trees = {_module_name(p): ast.parse(p.read_text(encoding="utf-8")) for p in paths}
+    graph = {name: _imported(tree, modules) for name, tree in trees.items()}
+    # _startup.py runs as a followed child's ``sitecustomize``, a module of its own:
+    # what its functions import, that module imports. gradguard._startup, which the
+    # package reads for ENV_VAR and say(), never runs them.
+    startup = trees["gradguard._startup"]
+    graph["sitecustomize"] = graph["gradguard._startup"]
+    outside_functions = [n for n in startup.body if not isinstance(n, _DEFINITIONS)]
+    graph["gradguard._startup"] = _imported(ast.Module(outside_functions, []), modules)
+    # The package imports these by name at their first use (PEP 562), out of the AST's sight.
+    graph["gradguard"] |= set(vars(gradguard)["_NEED_TORCH"].values())
+    for name, imported in graph.items():
+        imported.discard(name)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
+def test_the_import_graph_sees_imports_inside_functions() -> None:
+    """The graph the cycle check reads includes the imports a function makes when it runs."""
+    graph = _import_graph()
+    assert "gradguard._api" in graph["gradguard._session"]  # inside Session's methods only
+    assert "gradguard._session" in graph["sitecustomize"]  # inside the startup hooks only
+    assert "gradguard._session" not in graph["gradguard._guard"]
+
+
+def test_no_import_cycle_among_gradguards_modules() -> None:
+    """No gradguard module imports, directly or through others, a module that imports it."""
+    assert _cycles(_import_graph()) == []
+
+
+def test_importing_gradguard_does_not_import_torch() -> None:
+    """`import gradguard` and its exception classes, `Finding` and `CATALOGUE` leave torch out."""
+    proc = _python(
+        "import sys, gradguard\n"
+        "assert gradguard.GradGuardError.__module__ == 'gradguard'\n"
+        "assert gradguard.CATALOGUE['GG101'].name == 'stale-gradient'\n"
+        "assert gradguard.Finding and gradguard.SummaryRow\n"
+        "assert 'torch' not in sys.modules, 'import gradguard imported torch'\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_guard_works_after_a_torch_free_import() -> None:
+    """Reaching for `gradguard.guard` imports what it needs, and it catches a bug as before."""
+    proc = _python(
+        "import sys, gradguard\n"
+        "guard = gradguard.guard\n"
+        "assert 'torch' in sys.modules\n"
+        "import torch\n"
+        "model = torch.nn.Linear(2, 1)\n"
+        "opt = guard(torch.optim.SGD(model.parameters(), lr=0.1), mode='strict')\n"
+        "model(torch.ones(1, 2)).sum().backward()\n"
+        "opt.zero_grad()\n"
+        "try:\n"
+        "    opt.step()\n"
+        "except gradguard.ClearedBeforeStepError as exc:\n"
+        "    print(exc.finding.code)\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["GG102"]
+
+
+def test_every_public_name_is_in_all_and_dir() -> None:
+    """`from gradguard import *` finds every name in `__all__`, and `dir()` lists them sorted."""
+    namespace: dict[str, object] = {}
+    exec("from gradguard import *", namespace)
+    assert set(namespace) - {"__builtins__"} == set(gradguard.__all__)
+    listed = dir(gradguard)
+    assert listed == sorted(listed)
+    public = {
+        name
+        for name in listed
+        if not name.startswith("_") and not isinstance(getattr(gradguard, name), types.ModuleType)
+    }
+    assert public - set(gradguard.__all__) == {"TYPE_CHECKING", "annotations"}
+
+
+def test_a_misspelt_name_is_an_attribute_error() -> None:
+    """An attribute gradguard does not have raises AttributeError naming it, as for any module."""
+    with pytest.raises(AttributeError, match="module 'gradguard' has no attribute 'gaurd'"):
+        gradguard.gaurd  # type: ignore[attr-defined]  # noqa: B018
