@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from gradguard._sharded import version_of
-from gradguard._tracker import Slot, usual_window
+from gradguard._tracker import Slot, Split, usual_step
 
 _TENSOR = torch.Tensor
 
@@ -54,9 +54,10 @@ class StepVerdict:
         lost: parameters whose backward results a clear threw away before this step.
         lost_micro_batches: the most backward passes any parameter lost that way.
         micro_batches: the most backward passes any parameter saw since the last step.
-        usual: every parameter is trainable and holds backward's gradient,
-            untouched since, on nothing applied before (`all_fresh`): nothing
-            but ``fresh`` to judge.
+        usual: every trainable parameter holds backward's gradient, untouched
+            since, on nothing applied before, and no frozen one holds a
+            gradient (`usual_step`): nothing but ``fresh`` to judge. Its
+            parameters and slots, trainable then frozen; ``None`` otherwise.
     """
 
     stale: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -75,7 +76,7 @@ class StepVerdict:
     lost: list[torch.Tensor] = dataclasses.field(default_factory=list)
     lost_micro_batches: int = 0
     micro_batches: int = 0
-    usual: bool = False
+    usual: Split | None = None
 
     @property
     def nothing_to_apply(self) -> bool:
@@ -100,16 +101,17 @@ def judge_step(
 
     ``params`` and ``slots`` are the entries' two halves, in order.
     """
-    micro = usual_window(params, slots)
-    if micro:  # the usual step, decided at C speed
-        applied = list(params)
+    usual = usual_step(params, slots)
+    if usual is not None:  # decided at C speed
+        parts, micro = usual
+        applied = list(parts[0])
         return StepVerdict(
             any_fresh=True,
             trainable=True,
             fresh=applied,
             with_grad=applied[:],
             micro_batches=micro,
-            usual=True,
+            usual=parts,
         )
     verdict = StepVerdict()
     # This runs per parameter at every step: the usual case is decided

@@ -54,6 +54,7 @@ from gradguard._tracker import (
     REGISTRY,
     STEPS,
     Slot,
+    Split,
     catch_up,
     inside_backward,
     learn_shared,
@@ -84,6 +85,10 @@ _SIGHTED = False
 
 _PARAMS = operator.itemgetter("params")
 _GRAD = operator.attrgetter("grad")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_USED = operator.attrgetter("used")
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
 
 Params = list[torch.Tensor]
 
@@ -200,7 +205,7 @@ class Guard:
         self._tentative: dict[int, int] = {}
         self._found_zero: dict[int, int] = {}
         self._current: Entries | None = None
-        self._usual = False  # the step running was judged `usual`: see `mark_applied`
+        self._usual: Split | None = None  # the step running, judged usual: `mark_applied`
         self._place: Place | None = None  # where the step being judged is
         self._zero_applied: set[int] = set()  # params this step applies as all-zero
         self._finite_probe = FiniteProbe(self._hook_failed)
@@ -324,7 +329,7 @@ class Guard:
         REGISTRY.new_window()
         entries = self._current if self._current is not None else self._entries(opt)
         self._current = None
-        usual, self._usual = self._usual, False
+        usual, self._usual = self._usual, None
         error: BaseException | None = None
         if self._judge_after is not None and self._judge_after == wrapper:
             self._judge_after = None
@@ -637,7 +642,7 @@ class Guard:
         in_eval = self._models.in_eval(verdict.fresh)
         if in_eval:
             self._report("GG303", in_eval, location, self._step)
-        if self._never_used:
+        if self._never_used and self._any_news(self._never_used):
             still = []
             for param, slot in self._never_used:
                 if slot.used:
@@ -676,6 +681,13 @@ class Guard:
         if self._sighting is not None:
             self._sighting.close()
             self._sighting = None
+
+    @staticmethod
+    def _any_news(never_used: Entries) -> bool:
+        """Whether a never-used parameter was used, or is trainable, since (at C speed)."""
+        return any(map(_USED, map(_SECOND, never_used))) or any(
+            map(_REQUIRES_GRAD, map(_FIRST, never_used))
+        )
 
     def _report_unused(self, final: bool, location: Place | None = None) -> None:
         due = []
@@ -939,7 +951,7 @@ class Guard:
             self._sharded = None
             self._unhooked = [(p, s) for p, s in self._cache if s.handle is None]
             self._never_used = [(p, s) for p, s in self._cache if not s.used]
-        elif self._unhooked:
+        elif self._unhooked and any(map(_REQUIRES_GRAD, map(_FIRST, self._unhooked))):
             for param, slot in self._unhooked:
                 if param.requires_grad:
                     slot.hook_late(param)  # unfrozen since we last looked

@@ -37,7 +37,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from itertools import repeat
+from itertools import compress, repeat
 from types import FrameType
 from typing import Any
 
@@ -58,14 +58,15 @@ _SEEN_VERSION = operator.attrgetter("version")
 _FRESH = operator.attrgetter("fresh")
 _STALE = operator.attrgetter("stale")
 _LOST = operator.attrgetter("lost")
+_DISCARDED = operator.attrgetter("discarded")
+_PARAM_REF = operator.attrgetter("param_ref")
+_HANDLE = operator.attrgetter("handle")
+_USED = operator.attrgetter("used")
+_PARAM_VERSION = operator.attrgetter("param_version")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _DEREF = weakref.ref.__call__
 
 ErrorHandler = Callable[[BaseException], None]
-
-# The running backward's id (torch >= 2.1), to look for unfrozen parameters
-# once per backward rather than once per parameter.
-_graph_task: Callable[[], int] | None = getattr(torch._C, "_current_graph_task_id", None)
 
 
 class _StepStack(threading.local):
@@ -310,7 +311,8 @@ class Slot:
                 self._accumulated(param, grad)
         except Exception as exc:
             self.failed(exc)
-        if REGISTRY.frozen:
+        # Once per backward (its id), not per parameter: any unfrozen since?
+        if REGISTRY.frozen and _graph_task_id() != REGISTRY.looked:
             REGISTRY.look_for_unfrozen()
 
     def failed(self, exc: BaseException) -> None:
@@ -616,42 +618,71 @@ def untouched(params: list[torch.Tensor], slots: list[Slot]) -> bool:
     )
 
 
-def usual_window(params: list[torch.Tensor], slots: list[Slot]) -> int:
-    """The backward passes of a usual step's window, else 0 (at C speed).
+Split = tuple[list[torch.Tensor], list[Slot], list[torch.Tensor], list[Slot]]
+"""A step's trainable parameters and their slots, then the frozen ones and theirs."""
 
-    Usual: every parameter is trainable and holds the gradient backward left,
-    untouched since, on nothing a step applied, with no backward result lost.
+
+def usual_step(params: list[torch.Tensor], slots: list[Slot]) -> tuple[Split, int] | None:
+    """A usual step's parameters and the backward passes of its window (at C speed).
+
+    Usual: every trainable parameter holds the gradient backward left,
+    untouched since, on nothing a step applied, with no backward result lost,
+    and every frozen one holds no gradient (what freezing asks for: they take
+    no part). ``None`` for any other step.
     """
-    fresh = list(map(_FRESH, slots))
+    trainable = list(map(_REQUIRES_GRAD, params))
+    if all(trainable):
+        parts: Split = (params, slots, [], [])
+    else:
+        frozen = list(map(operator.not_, trainable))
+        frozen_params = list(compress(params, frozen))
+        if not all(map(operator.is_, map(_GRAD, frozen_params), repeat(None))):
+            return None
+        trained, trained_slots = list(compress(params, trainable)), list(compress(slots, trainable))
+        parts = (trained, trained_slots, frozen_params, list(compress(slots, frozen)))
+    trained, trained_slots = parts[0], parts[1]
+    fresh = list(map(_FRESH, trained_slots))
     usual = (
         bool(fresh)
         and 0 not in fresh
-        and not any(map(_STALE, slots))
-        and not any(map(_LOST, slots))
-        and all(map(_REQUIRES_GRAD, params))
-        and untouched(params, slots)
+        and not any(map(_STALE, trained_slots))
+        and not any(map(_LOST, trained_slots))
+        and untouched(trained, trained_slots)
     )
-    return max(fresh) if usual else 0
+    return (parts, max(fresh)) if usual else None
+
+
+def _inert(frozen: list[torch.Tensor], slots: list[Slot]) -> bool:
+    """Whether frozen slots are as a step leaves a parameter without a gradient."""
+    return (
+        all(map(operator.is_, map(_REF, slots), repeat(None)))  # so not applied, not stale
+        and not any(map(_FRESH, slots))
+        and not any(map(_DISCARDED, slots))
+        and not any(map(_LOST, slots))
+        and list(map(_VERSION, frozen)) == list(map(_PARAM_VERSION, slots))
+    )
 
 
 def mark_applied(
     entries: list[tuple[torch.Tensor, Slot]],
     params: list[torch.Tensor],
     slots: list[Slot],
-    usual: bool = False,
+    usual: Split | None = None,
 ) -> None:
     """A step just consumed these parameters' gradients.
 
     ``params`` and ``slots`` are the entries' two halves, in order; ``usual``:
-    the step was judged so (`usual_window`), and is recorded inline if
+    the parts of a step judged usual (`usual_step`), recorded inline if
     nothing changed since.
     """
-    if usual and 0 not in map(_FRESH, slots) and untouched(params, slots):
-        # Fresh slots have nothing discarded, and within a step judged usual
-        # none turns stale or loses a result: only these change.
-        for slot, version in zip(slots, map(_VERSION, params), strict=True):
-            slot.fresh, slot.applied, slot.param_version = 0, True, version
-        return
+    if usual is not None and 0 not in map(_FRESH, usual[1]) and untouched(usual[0], usual[1]):
+        frozen, frozen_slots = usual[2], usual[3]
+        if not frozen or _inert(frozen, frozen_slots):
+            # Fresh slots have nothing discarded, and within a step judged usual
+            # none turns stale or loses a result: only these change.
+            for slot, version in zip(usual[1], map(_VERSION, usual[0]), strict=True):
+                slot.fresh, slot.applied, slot.param_version = 0, True, version
+            return
     for param, slot in entries:
         grad = param.grad
         if grad is None:
@@ -760,7 +791,7 @@ class Registry:
 
     def look_for_unfrozen(self) -> None:
         """Once per backward, hook the watched parameters unfrozen since last looked at."""
-        mark = _graph_task() if _graph_task is not None else self.window
+        mark = _graph_task_id()
         if mark != self.looked:
             self.looked = mark
             self.hook_unfrozen()
@@ -769,6 +800,14 @@ class Registry:
         """Hook the watched parameters unfrozen since they were last looked at."""
         with self._lock:
             waiting = list(self.frozen.items())
+        slots = list(map(operator.itemgetter(1), waiting))
+        params = list(map(_DEREF, map(_PARAM_REF, slots)))
+        if (
+            all(map(operator.is_not, params, repeat(None)))
+            and not any(map(getattr, params, repeat("requires_grad"), repeat(False)))
+            and all(map(operator.is_, map(_HANDLE, slots), repeat(None)))
+        ):
+            return  # none unfrozen, hooked elsewhere or collected since (at C speed)
         for key, slot in waiting:
             param = slot.param_ref()
             if param is not None and not param.requires_grad and slot.handle is None:

@@ -260,12 +260,15 @@ LINES_PER_TENSOR = 15
 CALLS_PER_STEP = 40
 
 
-def python_work(tensors: int, steps: int = 3) -> tuple[float, float]:
+def python_work(tensors: int, steps: int = 3, frozen: int = 0) -> tuple[float, float]:
     """gradguard's Python calls and lines per step on the correct loop, counted by settrace.
 
     Only frames of gradguard's own files count: torch's and the loop's do not.
+    ``frozen``: that many of the first parameter tensors do not require grad.
     """
     model = chain(tensors)
+    for param in list(model.parameters())[:frozen]:
+        param.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
     calls = lines = 0
@@ -305,8 +308,16 @@ def test_python_work_per_step_stays_within_budget(device_results):
         assert small_calls - 10 * calls_per_tensor <= CALLS_PER_STEP
 
 
+def test_frozen_parameters_cost_almost_no_python_work():
+    """Frozen tensors without gradients (fine-tuning) cost no call and 2 lines each."""
+    calls, lines = python_work(210, frozen=200)
+    fewer_calls, fewer_lines = python_work(110, frozen=100)
+    assert calls == fewer_calls
+    assert (lines - fewer_lines) / 100 <= 2  # `zero_grad` forgets each one's gradient
+
+
 def test_python_work_counter_sees_the_per_tensor_path(monkeypatch):
     """With every step taken for unusual, gradguard's per-tensor Python loops show in the count."""
-    monkeypatch.setattr("gradguard._checks.usual_window", lambda params, slots: 0)
+    monkeypatch.setattr("gradguard._checks.usual_step", lambda params, slots: None)
     lines_per_tensor = (python_work(110)[1] - python_work(10)[1]) / 100
     assert lines_per_tensor > LINES_PER_TENSOR
