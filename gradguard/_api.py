@@ -71,12 +71,13 @@ def _check_optimizer(optimizer: object, caller: str = "guard") -> torch.optim.Op
 
 def _checked(
     optimizer: object,
-    model: object,
-    mode: object,
-    ignore: object,
-    record_norms: object,
-    options: dict[str, Any],
+    *,
+    model: object = None,
+    mode: object = None,
+    ignore: object = None,
+    record_norms: object = None,
     caller: str = "guard",
+    **options: object,
 ) -> tuple[torch.optim.Optimizer, list[nn.Module], Options]:
     """Every argument of `guard` checked, before anything is attached; raises naming the bad one.
 
@@ -109,7 +110,9 @@ def attach(
 
     See `_checked` for what the arguments left as ``None`` mean.
     """
-    opt, models, checked = _checked(optimizer, model, mode, ignore, record_norms, options)
+    opt, models, checked = _checked(
+        optimizer, model=model, mode=mode, ignore=ignore, record_norms=record_norms, **options
+    )
     if checked.accumulation_steps is None:
         steps = framework_accumulation(opt, optimizer)
         if steps is not None:
@@ -188,20 +191,7 @@ def guard(
             or an option has the wrong type.
         ValueError: unknown ``mode`` or finding code, or an out-of-range option.
     """
-    attach(
-        optimizer,
-        model=model,
-        mode=mode,
-        ignore=ignore,
-        accumulation_steps=accumulation_steps,
-        check_numerics=check_numerics,
-        numerics_every=numerics_every,
-        explode_factor=explode_factor,
-        max_grad_norm=max_grad_norm,
-        unused_after=unused_after,
-        record_norms=record_norms,
-        check_ranks_every=check_ranks_every,
-    )
+    attach(**locals())  # every argument, as given
     return optimizer
 
 
@@ -227,25 +217,16 @@ def guarding(
     readable after the block. An optimizer that was already guarded keeps
     its guard.
     """
-    options: dict[str, Any] = {
-        "accumulation_steps": accumulation_steps,
-        "check_numerics": check_numerics,
-        "numerics_every": numerics_every,
-        "explode_factor": explode_factor,
-        "max_grad_norm": max_grad_norm,
-        "unused_after": unused_after,
-        "check_ranks_every": check_ranks_every,
-    }
-    opt = _checked(optimizer, model, mode, ignore, record_norms, options, "guarding")[0]
-    return _guarding(
-        opt, model=model, mode=mode, ignore=ignore, record_norms=record_norms, **options
-    )
+    arguments = locals()  # every argument, as given
+    _checked(**arguments, caller="guarding")  # at the call, not at the ``with``
+    return _guarding(arguments)
 
 
 @contextlib.contextmanager
-def _guarding(opt: torch.optim.Optimizer, **arguments: Any) -> Iterator[Guard]:
+def _guarding(arguments: dict[str, Any]) -> Iterator[Guard]:
+    opt = _check_optimizer(arguments["optimizer"], "guarding")
     owned = _GUARDS.get(opt) is None
-    g = attach(opt, **arguments)
+    g = attach(**arguments)
     try:
         yield g
     finally:

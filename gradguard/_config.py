@@ -6,6 +6,7 @@ import dataclasses
 import math
 import numbers
 import threading
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from gradguard._dispatch import Mode, validate_codes, validate_mode
@@ -31,32 +32,19 @@ OPTION_NAMES = tuple(field.name for field in dataclasses.fields(Options))
 """Every option `gradguard.guard` takes besides the optimizer and the model, in order."""
 
 
-def make_options(
-    *,
-    mode: object = "warn",
-    ignore: object = None,
-    accumulation_steps: object = None,
-    check_numerics: object = True,
-    numerics_every: object = None,
-    explode_factor: object = 100.0,
-    max_grad_norm: object = None,
-    unused_after: object = 20,
-    record_norms: object = False,
-    check_ranks_every: object = None,
-) -> Options:
-    """Check every option and return them as `Options`; raise naming the bad one."""
-    return Options(
-        mode=validate_mode(mode),
-        ignore=validate_codes(ignore),
-        accumulation_steps=_positive_int("accumulation_steps", accumulation_steps, optional=True),
-        check_numerics=validate_bool("check_numerics", check_numerics),
-        numerics_every=_positive_int("numerics_every", numerics_every, optional=True),
-        explode_factor=_positive_float("explode_factor", explode_factor, above=1.0) or 100.0,
-        max_grad_norm=_positive_float("max_grad_norm", max_grad_norm, optional=True),
-        unused_after=_positive_int("unused_after", unused_after) or 20,
-        record_norms=validate_bool("record_norms", record_norms),
-        check_ranks_every=_positive_int("check_ranks_every", check_ranks_every, optional=True),
-    )
+def make_options(**given: object) -> Options:
+    """Check each option given and return them as `Options`; raise naming the bad one.
+
+    Options not given keep `Options`' defaults. Each option has one check
+    (`_CHECKS`), whichever entry point it was passed to.
+    """
+    unknown = sorted(set(given) - set(_CHECKS))
+    if unknown:
+        raise TypeError(
+            f"unknown guard option {unknown[0]!r}; the options are {', '.join(OPTION_NAMES)}"
+        )
+    checked = {name: _CHECKS[name](value, name) for name, value in given.items()}
+    return Options(**checked)  # type: ignore[arg-type]  # each value passed its own check
 
 
 class Defaults(NamedTuple):
@@ -110,6 +98,41 @@ def session_defaults() -> Defaults:
         session = _ACTIVE[-1]
         return Defaults(session.mode, session.ignore, session.record_norms)
     return Defaults("warn", frozenset(), False)
+
+
+def _count(value: object, name: str) -> int | None:
+    return _positive_int(name, value)
+
+
+def _optional_count(value: object, name: str) -> int | None:
+    return _positive_int(name, value, optional=True)
+
+
+def _flag(value: object, name: str) -> bool:
+    return validate_bool(name, value)
+
+
+def _factor(value: object, name: str) -> float | None:
+    return _positive_float(name, value, above=1.0)
+
+
+def _optional_norm(value: object, name: str) -> float | None:
+    return _positive_float(name, value, optional=True)
+
+
+_CHECKS: dict[str, Callable[[object, str], object]] = {
+    "mode": validate_mode,
+    "ignore": validate_codes,
+    "accumulation_steps": _optional_count,
+    "check_numerics": _flag,
+    "numerics_every": _optional_count,
+    "explode_factor": _factor,
+    "max_grad_norm": _optional_norm,
+    "unused_after": _count,
+    "record_norms": _flag,
+    "check_ranks_every": _optional_count,
+}
+"""The one check of each option in `Options`, called with the value and the option's name."""
 
 
 def validate_bool(name: str, value: object) -> bool:

@@ -165,3 +165,18 @@ def test_threads_training_separate_models_do_not_cross_talk():
     for t in threads:
         t.join()
     assert results == {"buggy": ["GG101"], "ok": []}
+
+
+def test_every_option_has_one_check():
+    """Each guard option is validated by exactly one check, whatever entry point passes it."""
+    from gradguard._config import _CHECKS, OPTION_NAMES
+
+    assert tuple(_CHECKS) == OPTION_NAMES
+
+
+def test_an_unknown_option_names_itself_and_the_known_ones():
+    """An option gradguard does not have raises a TypeError naming it and listing the options."""
+    from gradguard._config import make_options
+
+    with pytest.raises(TypeError, match=r"unknown guard option 'explode'; the options are mode, "):
+        make_options(explode=3.0)
