@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
 
 import pytest
@@ -24,6 +24,7 @@ from test_pytest_plugin import _run as run_pytest
 from torch import nn
 
 import gradguard
+from gradguard import _naming
 
 PACKAGE = "gg_installed_wrapper"
 SOURCE = '''\
@@ -147,6 +148,34 @@ def test_a_loop_with_no_line_of_the_users_says_so(package) -> None:
     (finding,) = guard.findings
     expected = f"no line of yours on the stack, library code at {PACKAGE}/__init__.py:{LOOP_LINE}"
     assert finding.location == expected
+
+
+def test_each_file_on_the_stack_is_classified_once(package) -> None:
+    """A step through a library's wrapper finds the user's line with cached look-ups only:
+    once the stack's files are known, no other Python code of the naming module runs."""
+    model = _model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = package.Wrapper(base)
+    x = torch.ones(4, 2)
+    calls: list[str] = []
+
+    def trace(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_filename == _naming.__file__:
+            calls.append(frame.f_code.co_name)
+
+    with gradguard.guarding(base, model=model, mode="strict") as guard:
+        for step in range(3):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            previous = sys.gettrace()
+            if step == 2:
+                sys.settrace(trace)
+            try:
+                opt.step()
+            finally:
+                sys.settrace(previous)
+    assert calls == ["user_location"]
+    assert guard.findings == []
 
 
 STRICT_SCRIPT = f"""\
