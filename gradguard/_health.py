@@ -116,7 +116,9 @@ class Readback:
         # tolist() on a host tensor reads memory directly: no op is dispatched
         # (a reshape would be one: results are vectors already, but for a scalar).
         host = self._host if self._host.dim() == 1 else self._host.reshape(-1)
-        flat = [float(v) for v in host.tolist()]  # sync-ok: host memory
+        flat: list[float] = host.tolist()  # sync-ok: host memory
+        if not host.dtype.is_floating_point:  # Python ints or bools: floats, as promised
+            flat = [float(v) for v in flat]
         flat += self._tail
         order = self._order
         if order is None:
