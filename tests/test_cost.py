@@ -249,3 +249,14 @@ def test_guarding_never_scans_the_heap_when_a_framework_is_imported(monkeypatch,
         opt.step()
     assert g.options.accumulation_steps is None
     assert g.findings == []
+
+
+def test_the_trainer_workload_is_skipped_without_transformers(monkeypatch, capsys):
+    """Without transformers the benchmark says it skips the Trainer workload, and succeeds."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what find_spec sees: not there
+    threads = torch.get_num_threads()
+    try:
+        assert overhead.main(["--workloads", "trainer", "--quick"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "trainer: skipped, transformers not installed" in capsys.readouterr().err
