@@ -72,14 +72,21 @@ class Readback:
     ``order``, when given, says which input each computed value belongs to:
     value ``k`` is about input ``order[k]``. `values` returns them in input
     order, so a result computed in several batches (one per dtype) needs no
-    device-side permutation.
+    device-side permutation. ``tail``: values known on the host already,
+    returned after the computed ones (a constant flag costs no device op).
     """
 
-    __slots__ = ("_due", "_event", "_host", "_order")
+    __slots__ = ("_due", "_event", "_host", "_order", "_tail")
 
-    def __init__(self, values: torch.Tensor, order: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        values: torch.Tensor,
+        order: list[int] | None = None,
+        tail: tuple[float, ...] = (),
+    ) -> None:
         self._event: torch.cuda.Event | None = None
         self._order = order
+        self._tail = tail
         self._due = LATENESS.due() if LATENESS.steps else 0
         if values.device.type == "cpu":
             self._host = values
@@ -107,8 +114,13 @@ class Readback:
         """The values, flattened, in input order; waits for the device only if not `ready` yet."""
         if self._event is not None and not self._event.query():  # type: ignore[no-untyped-call]
             self._event.synchronize()  # sync-ok: only in strict mode or at close
-        # tolist() on a host tensor reads memory directly: no op is dispatched.
-        flat = list(map(float, self._host.reshape(-1).tolist()))  # sync-ok: host memory
+        # tolist() on a host tensor reads memory directly: no op is dispatched
+        # (a reshape would be one: results are vectors already, but for a scalar).
+        host = self._host if self._host.dim() == 1 else self._host.reshape(-1)
+        flat: list[float] = host.tolist()  # sync-ok: host memory
+        if not host.dtype.is_floating_point:  # Python ints or bools: floats, as promised
+            flat = [float(v) for v in flat]
+        flat += self._tail
         order = self._order
         if order is None:
             return flat
@@ -222,8 +234,9 @@ def zero_flags(grads: list[torch.Tensor], extra: torch.Tensor | None = None) -> 
         return None
     with torch.no_grad():
         norms, order = _norms(grads)
-        unknown = torch.full_like(norms, math.nan)
-        flags = torch.where(norms.isfinite(), norms.eq(0).to(norms.dtype), unknown)
+        # norms * 0 is 0 where finite and NaN where not; adding "is zero" makes
+        # the flag: three ops, where isfinite and where take five.
+        flags = norms.mul(0).add_(norms.eq(0))
         if extra is not None:
             flags = torch.cat([flags, extra.to(flags.dtype).reshape(1)])
         return Readback(flags, order)
@@ -307,11 +320,9 @@ def grad_norms(
             norms, order = _norms(grads)
         if scale is not None:
             norms = norms / scale.to(device=norms.device, dtype=norms.dtype)
-        flag = (
-            skipped.to(device=norms.device, dtype=norms.dtype).reshape(1)
-            if skipped is not None
-            else norms.new_zeros(1)
-        )
+        if skipped is None:  # not skipping: the flag is known here, no op needed
+            return Readback(norms, order, tail=(0.0,))
+        flag = skipped.to(device=norms.device, dtype=norms.dtype).reshape(1)
         return Readback(torch.cat([norms, flag]), order)
 
 

@@ -87,6 +87,20 @@ def _is_internal(filename: str) -> bool:
     return _is_ours(filename) or _is_package(filename) or filename.startswith(_PYTHON_DIRS)
 
 
+# What a frame is, for `user_location`: the user's, an installed package's
+# (the place to name when no line of the user's is on the stack), or other
+# library code.
+_USER, _PACKAGE, _LIBRARY = 0, 1, 2
+
+
+@functools.lru_cache(maxsize=4096)
+def _kind(filename: str) -> int:
+    """`_USER`, `_PACKAGE` or `_LIBRARY`: one cached look-up per frame at every step."""
+    if _is_package(filename):
+        return _PACKAGE
+    return _LIBRARY if _is_internal(filename) else _USER
+
+
 class Location(NamedTuple):
     """Where in the user's code something happened.
 
@@ -105,6 +119,15 @@ class Location(NamedTuple):
             where = _package_path(self.filename)
             return f"no line of yours on the stack, library code at {where}:{self.lineno}"
         return f"{_display_path(self.filename)}:{self.lineno}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _location(filename: str, lineno: int, library: bool = False) -> Location:
+    """The `Location` of a line, made once: a step names the same line every time."""
+    return Location(filename, lineno, library)
+
+
+_NOWHERE = Location("", 0)
 
 
 class Place:
@@ -145,15 +168,15 @@ def user_location(skip: int = 1) -> Location:
     frame: FrameType | None = sys._getframe(skip)
     fallback: FrameType | None = None
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_internal(filename):
-            return Location(filename, frame.f_lineno)
-        if fallback is None and _is_package(filename):
+        kind = _kind(frame.f_code.co_filename)
+        if kind == _USER:
+            return _location(frame.f_code.co_filename, frame.f_lineno)
+        if kind == _PACKAGE and fallback is None:
             fallback = frame
         frame = frame.f_back
     if fallback is None:
-        return Location("", 0)
-    return Location(fallback.f_code.co_filename, fallback.f_lineno, library=True)
+        return _NOWHERE
+    return _location(fallback.f_code.co_filename, fallback.f_lineno, True)
 
 
 def step_frames(filenames: Sequence[str]) -> int:

@@ -167,20 +167,20 @@ def test_ops_per_step_do_not_grow_with_the_parameter_count(loop, mode, device_re
     small, _, _ = extra(loop, 10, mode)
     large, _, _ = extra(loop, 200, mode)
     assert small == large
-    # The numeric checks: one batched norm pass (foreach_norm, stack, cat, ...). A loop
-    # that clips also gets the zero check, and a second norm pass where its backward
-    # ends, before the clip (what GG202 judges there). With the zero check's answer
-    # still on the device at the next backward (CUDA), that backward reads the probe.
+    # The numeric checks: one batched norm pass (foreach_norm, stack). A loop that
+    # clips also gets the zero check, and a second norm pass where its backward ends,
+    # before the clip (what GG202 judges there). With the zero check's answer still
+    # on the device at the next backward (CUDA), that backward reads the probe.
     clip_ops = NORM_PASS_OPS + ZERO_CHECK_OPS if "clipped" in loop else 0
     if "clipped" in loop and device_results != "eager" and mode != "strict":
         clip_ops += PROBE_OPS
     assert 0 < small <= NORM_PASS_OPS + clip_ops
 
 
-NORM_PASS_OPS = 6
-ZERO_CHECK_OPS = 10  # norms, isfinite, eq, where, ... and the copy back
-# FiniteProbe: is one small gradient finite (abs, ne, eq, mul, all), joined to the zero
-# check's flags and copied back with them (cat, _to_copy), and one view reading them.
+NORM_PASS_OPS = 2  # the not-skipped flag is appended on the host
+ZERO_CHECK_OPS = 5  # foreach_norm, stack, then the flags: mul, eq, add_
+# FiniteProbe: is one small gradient finite (abs, ne, eq, mul, all), its reading made a
+# vector (view), joined to the zero check's flags (_to_copy, cat).
 PROBE_OPS = 8
 
 
@@ -249,6 +249,17 @@ def test_guarding_never_scans_the_heap_when_a_framework_is_imported(monkeypatch,
         opt.step()
     assert g.options.accumulation_steps is None
     assert g.findings == []
+
+
+def test_the_trainer_workload_is_skipped_without_transformers(monkeypatch, capsys):
+    """Without transformers the benchmark says it skips the Trainer workload, and succeeds."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what find_spec sees: not there
+    threads = torch.get_num_threads()
+    try:
+        assert overhead.main(["--workloads", "trainer", "--quick"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "trainer: skipped, transformers not installed" in capsys.readouterr().err
 
 
 # -- Python work per step, counted with sys.settrace --------------------------

@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
 
 import pytest
@@ -24,6 +24,7 @@ from test_pytest_plugin import _run as run_pytest
 from torch import nn
 
 import gradguard
+from gradguard import _naming
 
 PACKAGE = "gg_installed_wrapper"
 SOURCE = '''\
@@ -147,6 +148,50 @@ def test_a_loop_with_no_line_of_the_users_says_so(package) -> None:
     (finding,) = guard.findings
     expected = f"no line of yours on the stack, library code at {PACKAGE}/__init__.py:{LOOP_LINE}"
     assert finding.location == expected
+
+
+def _naming_calls(package: ModuleType, clear: bool) -> list[str]:
+    """The naming module's functions that run in the third step through a library wrapper.
+
+    Without ``clear``, only the first step is cleared: the next two find GG101.
+    """
+    model = _model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = package.Wrapper(base)
+    x = torch.ones(4, 2)
+    calls: list[str] = []
+
+    def trace(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_filename == _naming.__file__:
+            calls.append(frame.f_code.co_name)
+
+    with gradguard.guarding(base, model=model, mode="log"):
+        for step in range(3):
+            if step == 0 or clear:
+                opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            previous = sys.gettrace()
+            if step == 2:
+                sys.settrace(trace)
+            try:
+                opt.step()
+            finally:
+                sys.settrace(previous)
+    return calls
+
+
+def test_a_step_that_finds_nothing_never_looks_for_the_users_line(package) -> None:
+    """A correct step runs no naming code at all: the line is looked up when a finding fires."""
+    assert _naming_calls(package, clear=True) == []
+
+
+def test_each_file_on_the_stack_is_classified_once(package) -> None:
+    """A finding through a library's wrapper finds the user's line with cached look-ups only:
+    once the stack's files are known, `user_location` runs and nothing under it."""
+    calls = _naming_calls(package, clear=False)
+    assert calls.count("user_location") == 1
+    assert "_is_internal" not in calls
+    assert "_is_package" not in calls
 
 
 STRICT_SCRIPT = f"""\

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support import require
+from test_cost import NORM_PASS_OPS, ZERO_CHECK_OPS, overhead
 
 import gradguard
 
@@ -86,3 +87,24 @@ def test_guarding_the_trainers_optimizer_directly_is_silent(tmp_path):
         assert g.options.accumulation_steps == 2  # found through the Trainer on the call stack
     finally:
         gradguard.unguard(t.optimizer)
+
+
+def test_a_guarded_trainer_step_adds_no_sync_and_a_clipped_loops_ops():
+    """Under the Trainer, which clips, gradguard adds no host-device sync to a step and the
+    ops of any clipped loop (two norm passes and the zero check), attached either way."""
+    workload = overhead.WORKLOADS["trainer"]
+    variants = overhead.make_variants()
+    torch.manual_seed(0)
+    model = workload.model()
+    counts = {}
+    for name in ("plain", "warn", "install"):
+        runner = overhead.TrainerRunner(workload, variants[name], torch.device("cpu"), model)
+        try:
+            counts[name] = runner.count(2)
+            assert runner.findings() == ""
+        finally:
+            runner.detach()
+    plain_ops, plain_syncs = counts["plain"]
+    for name in ("warn", "install"):
+        ops, syncs = counts[name]
+        assert (ops - plain_ops, syncs - plain_syncs) == (2 * NORM_PASS_OPS + ZERO_CHECK_OPS, 0)
