@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradguard._checks import StepVerdict, Windows, judge_step
+from gradguard._compiled import hook_caller, untraced
 from gradguard._config import Options, describe, make_options
 from gradguard._dispatch import (
     Reporter,
@@ -316,11 +317,12 @@ class Guard:
 
     # -- hooks ---------------------------------------------------------------
 
+    @untraced  # a compiled step runs its hooks eagerly, so every step is judged
     def _pre_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
         if self._closed:
             self._sweep("post")  # torch is iterating the pre-hooks, not the post-hooks
             return
-        wrapper = sys._getframe(1)  # torch's step wrapper, which calls both hooks
+        wrapper = hook_caller()  # torch's step wrapper, which calls both hooks
         try:
             if self._before_step(opt, args, kwargs):
                 self._judge_after = id(wrapper)
@@ -331,8 +333,9 @@ class Guard:
             return
         STEPS.push(wrapper)
 
+    @untraced
     def _post_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
-        wrapper = sys._getframe(1)
+        wrapper = hook_caller()
         STEPS.pop(wrapper)
         if self._closed:
             self._sweep("pre")
