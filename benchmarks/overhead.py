@@ -21,6 +21,11 @@ the table reports the variant's count minus its baseline's, per step.
     python benchmarks/overhead.py --quick                   # about a minute
     python benchmarks/overhead.py --json overhead.json      # the full table, ~15 minutes
     python benchmarks/overhead.py --workloads mlp,many-params --variants plain,warn
+    python benchmarks/overhead.py --workloads mlp-compiled-step   # torch.compile(opt.step)
+
+A workload whose step is compiled (``torch.compile(opt.step)``, inductor) also
+reports the graph breaks dynamo counted while compiling each variant's step;
+a guard must add none.
 """
 
 from __future__ import annotations
@@ -213,6 +218,8 @@ class Workload:
     slow: bool = False  # seconds per step: one warm-up step and one counted step
     zero_grad: bool = True
     variants: tuple[str, ...] | None = None  # None: every variant
+    compile_step: bool = False  # step = torch.compile(opt.step), after the guard attaches
+    named_only: bool = False  # run only when named in --workloads
 
 
 WORKLOADS = {
@@ -278,6 +285,19 @@ WORKLOADS = {
             quick=(8, 5),
             zero_grad=False,
             variants=("plain", "log", "floor"),
+        ),
+        Workload(
+            "mlp-compiled-step",
+            "the mlp at batch 8 with step = torch.compile(opt.step): the step is most of it",
+            MLP,
+            lambda g: (torch.randn(8, 512, generator=g), torch.randn(8, 512, generator=g)),
+            _mse,
+            block=15,
+            rounds=25,
+            quick=(8, 5),
+            variants=("plain", "log", "warn", "floor", "eager-step"),
+            compile_step=True,
+            named_only=True,  # compiling takes a minute, and needs a C++ compiler on the CPU
         ),
     )
 }
@@ -353,6 +373,7 @@ class Variant:
     clip: bool = False  # clip_grad_norm_(..., error_if_nonfinite=True) before the step
     baseline: str = "plain"
     gradguard: bool = False
+    eager_step: bool = False  # in a compiled-step workload: the step left uncompiled
 
 
 def make_variants() -> dict[str, Variant]:
@@ -393,6 +414,11 @@ def make_variants() -> dict[str, Variant]:
                 baseline="clip",
                 gradguard=True,
             ),
+            Variant(
+                "eager-step",
+                "a compiled-step workload with opt.step not compiled: what compiling saves",
+                eager_step=True,
+            ),
         )
     }
 
@@ -424,6 +450,9 @@ class Runner:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=workload.lr)
         self.detach = variant.attach(self.model, self.opt)
+        compiled = workload.compile_step and not variant.eager_step
+        self.opt_step = torch.compile(self.opt.step) if compiled else self.opt.step
+        self.graph_breaks: int | None = None  # counted while the compiled step is built
         self.i = 0
 
     def step(self) -> None:
@@ -442,7 +471,7 @@ class Runner:
             loss.backward()
         if self.variant.clip:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0, error_if_nonfinite=True)
-        self.opt.step()
+        self.opt_step()
 
     def timed_block(self, steps: int) -> list[tuple[float, float]]:
         """Run ``steps`` steps; return each one's (wall, CPU) time in seconds."""
@@ -610,6 +639,7 @@ class Row:
     rounds: int
     block: int
     findings: str
+    graph_breaks: int | None = None  # a compiled step's, while compiling; else None
 
     def ratio(self, clock: str) -> Ratio:
         """The ratio on ``clock`` ("cpu" or "wall")."""
@@ -648,8 +678,11 @@ def run_workload(
     for name, r in runners.items():
         # The log mode's one report goes to stderr; keep the table readable.
         with contextlib.redirect_stderr(io.StringIO()):
+            before = _graph_breaks() if workload.compile_step else 0
             for _ in range(warmup):
-                r.step()
+                r.step()  # the first step compiles a compiled step
+            if workload.compile_step and not r.variant.eager_step:
+                r.graph_breaks = _graph_breaks() - before
             ops, syncs, _ = count_per_step(r.step, count_steps)
         counts[name] = (ops, syncs)
         if device.type == "cuda" and not (r.variant.anomaly or r.variant.clip):
@@ -696,12 +729,20 @@ def run_workload(
                 rounds=rounds,
                 block=block,
                 findings=runners[v.name].findings(),
+                graph_breaks=runners[v.name].graph_breaks,
             )
         )
     gc.unfreeze()
     for r in runners.values():
         r.detach()
     return rows
+
+
+def _graph_breaks() -> int:
+    """Graph breaks dynamo has counted in this process (imported only by compiled steps)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def _check_no_cuda_sync(runner: Runner, log: Callable[[str], None]) -> None:
@@ -733,6 +774,7 @@ BUDGET = {
 def budget_lines(rows: list[Row], clock: str) -> list[str]:
     """One line per budget point the run measured, met or not."""
     lines = []
+    plain_breaks = {r.workload: r.graph_breaks for r in rows if r.variant == r.baseline}
     for row in rows:
         limit = BUDGET.get((row.workload, row.variant))
         if limit is not None:
@@ -750,16 +792,25 @@ def budget_lines(rows: list[Row], clock: str) -> list[str]:
             lines.append(
                 f"{row.workload}/{row.variant}: {row.syncs:g} syncs/step, limit 1: NOT MET"
             )
+        base = plain_breaks.get(row.workload)
+        if row.variant != row.baseline and row.graph_breaks is not None and base is not None:
+            verdict = "met" if row.graph_breaks <= base else "NOT MET"
+            lines.append(
+                f"{row.workload}/{row.variant}: {row.graph_breaks} graph breaks compiling "
+                f"the step, limit {base} (plain's): {verdict}"
+            )
     return lines
 
 
 def table(rows: list[Row], clock: str) -> str:
     """The results as a Markdown table, ``clock``'s ratio first."""
     other = "wall" if clock == "cpu" else "cpu"
+    breaks = any(r.graph_breaks is not None for r in rows)  # a column only where compiled
     out = [
         f"| workload | variant | vs | ratio, {clock} (IQR) | ratio, {other} (IQR) | "
-        "step ms | ops/step | syncs/step | findings |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+        "step ms | ops/step | syncs/step | findings |" + (" graph breaks |" if breaks else ""),
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |"
+        + (" ---: |" if breaks else ""),
     ]
     for r in rows:
         same = r.variant == r.baseline
@@ -767,9 +818,10 @@ def table(rows: list[Row], clock: str) -> str:
         second = "1" if same else str(r.ratio(other))
         ops = "" if same else f"{r.ops:+g}"
         syncs = "" if same else f"{r.syncs:+g}"
+        gb = "" if r.graph_breaks is None else str(r.graph_breaks)
         out.append(
             f"| {r.workload} | {r.variant} | {r.baseline} | {first} | {second} | "
-            f"{r.step_ms:.1f} | {ops} | {syncs} | {r.findings} |"
+            f"{r.step_ms:.1f} | {ops} | {syncs} | {r.findings} |" + (f" {gb} |" if breaks else "")
         )
     return "\n".join(out)
 
@@ -839,7 +891,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     chosen = workload_names or [
-        n for n, w in WORKLOADS.items() if not args.quick or w.quick is not None
+        n
+        for n, w in WORKLOADS.items()
+        if not w.named_only and (not args.quick or w.quick is not None)
     ]
     header = {
         "python": platform.python_version(),
@@ -870,6 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for v in variants.values()
             if (variant_names is None or v.name in variant_names)
             and (w.variants is None or v.name in w.variants)
+            and (w.compile_step or not v.eager_step)
         ]
         log(f"{name}: {w.describe}; {len(picked)} variants, {rounds} rounds of {block} steps")
         rows += run_workload(
