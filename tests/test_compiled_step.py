@@ -134,10 +134,11 @@ def test_strict_mode_raises_before_the_compiled_step_applies(bug, error, at):
         assert all(torch.equal(a, p) for a, p in zip(before, net.parameters(), strict=True))
 
 
-def test_a_correct_loop_with_a_compiled_step_is_silent_and_bit_identical_in_strict_mode():
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_a_correct_loop_with_a_compiled_step_is_silent_and_bit_identical_in_strict_mode(opt_name):
     """Strict mode on a correct loop: no finding, and the same parameters as unguarded."""
-    plain = train("adamw", guarded=False, backend=BACKEND, steps=5)
-    guarded = train("adamw", guarded=True, backend=BACKEND, steps=5)
+    plain = train(opt_name, guarded=False, backend=BACKEND, steps=5)
+    guarded = train(opt_name, guarded=True, backend=BACKEND, steps=5)
     assert all(torch.equal(a, b) for a, b in zip(plain, guarded, strict=True))
 
 
