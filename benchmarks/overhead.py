@@ -31,6 +31,11 @@ the table reports the variant's count minus its baseline's, per step.
     python benchmarks/overhead.py --json overhead.json      # the full table, ~15 minutes
     python benchmarks/overhead.py --workloads mlp,many-params --variants plain,warn
     python benchmarks/overhead.py --workloads trainer       # about a minute
+    python benchmarks/overhead.py --workloads mlp-compiled-step   # torch.compile(opt.step)
+
+A workload whose step is compiled (``torch.compile(opt.step)``, inductor) also
+reports the graph breaks dynamo counted while compiling each variant's step;
+a guard must add none.
 """
 
 from __future__ import annotations
@@ -257,12 +262,14 @@ class Workload:
     variants: tuple[str, ...] | None = None  # None: every variant a plain loop can run
     requires: tuple[str, ...] = ()  # modules it needs; without them it is skipped
     trainer: bool = False  # trained by transformers.Trainer (`TrainerRunner`)
+    compile_step: bool = False  # step = torch.compile(opt.step), after the guard attaches
+    named_only: bool = False  # run only when named in --workloads
 
     def runs(self, variant: Variant) -> bool:
         """Whether this workload runs ``variant``."""
         if self.variants is not None:
             return variant.name in self.variants
-        return not variant.session
+        return not (variant.session or variant.eager_step)
 
     def missing(self) -> list[str]:
         """The modules in ``requires`` that are not installed."""
@@ -347,6 +354,19 @@ WORKLOADS = {
             trainer=True,
             variants=("plain", "warn", "install", "floor"),
         ),
+        Workload(
+            "mlp-compiled-step",
+            "the mlp at batch 8 with step = torch.compile(opt.step): the step is most of it",
+            MLP,
+            lambda g: (torch.randn(8, 512, generator=g), torch.randn(8, 512, generator=g)),
+            _mse,
+            block=15,
+            rounds=25,
+            quick=(8, 5),
+            variants=("plain", "log", "warn", "floor", "eager-step"),
+            compile_step=True,
+            named_only=True,  # compiling takes a minute, and needs a C++ compiler on the CPU
+        ),
     )
 }
 
@@ -426,6 +446,7 @@ class Variant:
     # Process-wide, so only for a runner that gives each variant's block the
     # process to itself: the Trainer's.
     session: bool = False
+    eager_step: bool = False  # in a compiled-step workload: the step left uncompiled
 
 
 def make_variants() -> dict[str, Variant]:
@@ -472,6 +493,11 @@ def make_variants() -> dict[str, Variant]:
                 gradguard=True,
                 session=True,
             ),
+            Variant(
+                "eager-step",
+                "a compiled-step workload with opt.step not compiled: what compiling saves",
+                eager_step=True,
+            ),
         )
     }
 
@@ -492,6 +518,7 @@ class _Own:
         self.workload = workload
         self.variant = variant
         self.device = device
+        self.graph_breaks: int | None = None  # a compiled step's, counted while it is built
         if model is None:
             torch.manual_seed(SEED)
             model = workload.model()
@@ -513,6 +540,8 @@ class Runner(_Own):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=self.workload.lr)
         self.detach = self.variant.attach(self.model, self.opt)
+        compiled = self.workload.compile_step and not self.variant.eager_step
+        self.opt_step = torch.compile(self.opt.step) if compiled else self.opt.step
         self.i = 0
 
     def step(self) -> None:
@@ -531,7 +560,7 @@ class Runner(_Own):
             loss.backward()
         if self.variant.clip:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0, error_if_nonfinite=True)
-        self.opt.step()
+        self.opt_step()
 
     def warm_up(self, steps: int) -> None:
         """Run ``steps`` untimed steps."""
@@ -904,6 +933,7 @@ class Row:
     rounds: int
     block: int
     findings: str
+    graph_breaks: int | None = None  # a compiled step's, while compiling; else None
 
     def ratio(self, clock: str) -> Ratio:
         """The ratio on ``clock`` ("cpu" or "wall")."""
@@ -947,7 +977,10 @@ def run_workload(
     for name, r in runners.items():
         # The log mode's one report goes to stderr; keep the table readable.
         with contextlib.redirect_stderr(io.StringIO()):
-            r.warm_up(warmup)
+            before = _graph_breaks() if workload.compile_step else 0
+            r.warm_up(warmup)  # the first step compiles a compiled step
+            if workload.compile_step and not r.variant.eager_step:
+                r.graph_breaks = _graph_breaks() - before
             counts[name] = r.count(count_steps)
         if (
             isinstance(r, Runner)
@@ -1002,12 +1035,20 @@ def run_workload(
                 rounds=rounds,
                 block=block,
                 findings=runners[v.name].findings(),
+                graph_breaks=runners[v.name].graph_breaks,
             )
         )
     gc.unfreeze()
     for r in runners.values():
         r.detach()
     return rows
+
+
+def _graph_breaks() -> int:
+    """Graph breaks dynamo has counted in this process (imported only by compiled steps)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def _check_no_cuda_sync(runner: Runner, log: Callable[[str], None]) -> None:
@@ -1044,6 +1085,7 @@ BUDGET_US = {
 def budget_lines(rows: list[Row], clock: str) -> list[str]:
     """One line per budget point the run measured, met or not."""
     lines = []
+    plain_breaks = {r.workload: r.graph_breaks for r in rows if r.variant == r.baseline}
     for row in rows:
         key = (row.workload, row.variant)
         if key in BUDGET:
@@ -1060,6 +1102,13 @@ def budget_lines(rows: list[Row], clock: str) -> list[str]:
             lines.append(
                 f"{row.workload}/{row.variant}: {row.syncs:g} syncs/step, limit 1: NOT MET"
             )
+        base = plain_breaks.get(row.workload)
+        if row.variant != row.baseline and row.graph_breaks is not None and base is not None:
+            verdict = "met" if row.graph_breaks <= base else "NOT MET"
+            lines.append(
+                f"{row.workload}/{row.variant}: {row.graph_breaks} graph breaks compiling "
+                f"the step, limit {base} (plain's): {verdict}"
+            )
     return lines
 
 
@@ -1073,10 +1122,13 @@ def _verdict(row: Row, measured: Ratio, clock: str, limit: float, shown: str) ->
 def table(rows: list[Row], clock: str) -> str:
     """The results as a Markdown table, ``clock``'s ratio first."""
     other = "wall" if clock == "cpu" else "cpu"
+    breaks = any(r.graph_breaks is not None for r in rows)  # a column only where compiled
     out = [
         f"| workload | variant | vs | ratio, {clock} (IQR) | ratio, {other} (IQR) | "
-        f"extra per step, {clock} (IQR) | step ms | ops/step | syncs/step | findings |",
-        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+        f"extra per step, {clock} (IQR) | step ms | ops/step | syncs/step | findings |"
+        + (" graph breaks |" if breaks else ""),
+        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |"
+        + (" ---: |" if breaks else ""),
     ]
     for r in rows:
         same = r.variant == r.baseline
@@ -1085,9 +1137,10 @@ def table(rows: list[Row], clock: str) -> str:
         us = "" if same else str(r.micros(clock))
         ops = "" if same else f"{r.ops:+g}"
         syncs = "" if same else f"{r.syncs:+g}"
+        gb = "" if r.graph_breaks is None else str(r.graph_breaks)
         out.append(
             f"| {r.workload} | {r.variant} | {r.baseline} | {first} | {second} | {us} | "
-            f"{r.step_ms:.1f} | {ops} | {syncs} | {r.findings} |"
+            f"{r.step_ms:.1f} | {ops} | {syncs} | {r.findings} |" + (f" {gb} |" if breaks else "")
         )
     return "\n".join(out)
 
@@ -1157,7 +1210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     chosen = workload_names or [
-        n for n, w in WORKLOADS.items() if not args.quick or w.quick is not None
+        n
+        for n, w in WORKLOADS.items()
+        if not w.named_only and (not args.quick or w.quick is not None)
     ]
     header = {
         "python": platform.python_version(),

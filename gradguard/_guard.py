@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradguard._checks import StepVerdict, Windows, judge_step
+from gradguard._compiled import RUN_CODE, hook_caller, untraced
 from gradguard._config import Options
 from gradguard._dispatch import (
     Reporter,
@@ -292,11 +293,14 @@ class Guard:
 
     # -- hooks ---------------------------------------------------------------
 
+    @untraced  # a compiled step runs its hooks eagerly, so every step is judged
     def _pre_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
         if self._closed:
             self._sweep("post")  # torch is iterating the pre-hooks, not the post-hooks
             return
-        wrapper = sys._getframe(1)  # torch's step wrapper, which calls both hooks
+        # torch's step wrapper, which calls both hooks (through `untraced`).
+        run = sys._getframe(1)
+        wrapper = run.f_back if run.f_code is RUN_CODE and run.f_back else hook_caller()
         try:
             if self._before_step(opt, args, kwargs):
                 self._judge_after = id(wrapper)
@@ -307,8 +311,10 @@ class Guard:
             return
         STEPS.push(wrapper)
 
+    @untraced
     def _post_hook(self, opt: torch.optim.Optimizer, args: Args, kwargs: Kwargs) -> None:
-        wrapper = sys._getframe(1)
+        run = sys._getframe(1)
+        wrapper = run.f_back if run.f_code is RUN_CODE and run.f_back else hook_caller()
         STEPS.pop(wrapper)
         if self._closed:
             self._sweep("pre")

@@ -149,10 +149,14 @@ def _one_device(grads: list[torch.Tensor]) -> bool:
 
 
 def _plain(grads: list[torch.Tensor]) -> bool:
-    """Dense tensors of one dtype whose norm kernel keeps their precision (at C speed)."""
+    """Dense tensors of one dtype whose norm kernel keeps their precision, on one device
+    with data (at C speed)."""
     dtypes = set(map(_DTYPE, grads))
+    devices = set(map(_DEVICE, grads))
     return (
         len(dtypes) == 1
+        and len(devices) == 1
+        and next(iter(devices)).type != "meta"
         and dtypes <= _OWN_PRECISION
         and all(map(operator.is_, map(type, grads), repeat(torch.Tensor)))
         and all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided)))
@@ -311,10 +315,11 @@ def grad_norms(
     step time (fused optimizers); ``skipped`` its found-inf tensor, nonzero
     when the scaler is skipping this step.
     """
-    if not _one_device(grads):
+    plain = _plain(grads)  # the usual case: one pass of one op, below
+    if not (plain or _one_device(grads)):
         return None
     with torch.no_grad():
-        if _plain(grads):  # the usual case, inline: this runs at every step
+        if plain:
             norms, order = torch.stack(torch._foreach_norm(grads)), None
         else:
             norms, order = _norms(grads)

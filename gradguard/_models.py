@@ -14,6 +14,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
+from gradguard._compiled import untraced
 from gradguard._naming import REGISTRATIONS, find_owner_modules, named_modules_in_main
 
 
@@ -123,6 +124,7 @@ class Sighting:
         self.candidates: list[tuple[weakref.ref[torch.Tensor], str]] = []
         self._step: RemovableHandle | None = register_optimizer_step_pre_hook(self._stepped)
 
+    @untraced
     def _stepped(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         self.optimizers.add(optimizer)
 

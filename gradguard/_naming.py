@@ -348,12 +348,14 @@ class Registrations:
         return module
 
     def _parameter(self, module: nn.Module, name: str, param: torch.Tensor | None) -> None:
-        if param is not None:
+        # While torch.compile compiles, the modules built are its graphs, which hold the
+        # parameters they use under names of their own: the model is the one outside.
+        if param is not None and not torch.compiler.is_compiling():
             self._tidy(self.params)
             self.params[id(param)] = (weakref.ref(param), weakref.ref(module))
 
     def _module(self, module: nn.Module, name: str, sub: nn.Module | None) -> None:
-        if sub is not None:
+        if sub is not None and not torch.compiler.is_compiling():
             self._tidy(self.parents)
             self.parents.setdefault(id(sub), (weakref.ref(sub), weakref.ref(module)))
 

@@ -68,7 +68,7 @@ class Schedule:
         Returns whether it was judged now.
         """
         if not self.queue and readback.ready():
-            self.resolve(readback, list(params), resolve)  # no weak references needed
+            resolve(readback.values(), list(params))  # no weak references needed
             return True
         self._on_queue()
         self.queue.append(_Pending(readback, list(map(weakref.ref, params)), resolve))

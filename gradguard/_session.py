@@ -25,6 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradguard import _children
 from gradguard._children import ChildLog, Follow
+from gradguard._compiled import untraced
 from gradguard._config import activate, deactivate, validate_bool
 from gradguard._dispatch import (
     MODES,
@@ -270,6 +271,7 @@ class Session:
         """Guard ``opt`` from its next step on, if it is new to this session."""
         self._discover(opt, (), {})
 
+    @untraced  # attaching is bookkeeping, never part of a compiled step
     def _discover(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if opt in self._seen:
             return
