@@ -25,7 +25,6 @@ from types import FrameType
 from typing import Any
 
 import torch
-from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 Hook = Callable[..., None]
 
@@ -33,6 +32,20 @@ Hook = Callable[..., None]
 # importing torch._dynamo costs more than a second, so gradguard never does.
 _DISABLED: dict[Hook, Hook] = {}
 _REASON = "gradguard's step hooks run outside the graph"
+
+
+def _dynamo_imported() -> object:
+    return "torch._dynamo" in sys.modules or None
+
+
+# The frame callback a compiled function sets while it runs (None when none
+# runs). Older torch has no getter: then any process that imported dynamo
+# takes the slower path.
+get_eval_frame_callback: Callable[[], object] = getattr(
+    getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None),
+    "get_eval_frame_callback",
+    _dynamo_imported,
+)
 
 
 def untraced(hook: Hook) -> Hook:
