@@ -346,6 +346,7 @@ class Guard:
         if STEPS.frames and STEPS.running():
             return error  # nested: the outer step records what it applied, once judged
         zero_applied, self._zero_applied = self._zero_applied, set()
+        # `_halves`, with its usual case inline: one call fewer at every step.
         params, slots = (
             (self._params, self._slot_list) if entries is self._cache else self._halves(entries)
         )
