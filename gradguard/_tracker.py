@@ -757,8 +757,7 @@ class Registry:
         # step or clear; it takes a backward that also writes to a parameter
         # already hooked.
         self.frozen: dict[int, Slot] = {}
-        self.window = 0
-        self.looked = -1
+        self.looked = -1  # the backward (graph task) that last looked
         # Whether a process group is up, as of the last step, clear or guard
         # created: read per parameter in the hook, so not asked of torch there.
         self.distributed = _distributed()
@@ -785,8 +784,7 @@ class Registry:
         return slot
 
     def new_window(self) -> None:
-        """A step or a clear happened (what marks a new backward where torch cannot)."""
-        self.window += 1
+        """A step or a clear happened: ask again whether a process group is up."""
         self.distributed = _distributed()
 
     def look_for_unfrozen(self) -> None:
