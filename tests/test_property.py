@@ -247,9 +247,11 @@ def apply(
     """
     params = list(net.parameters())
     written = [i for i, r in enumerate(refs) if r.trainable and (r.member or i not in EXTRA)]
-    if op in ("backward", "backward_head", "scaler_skip", "opt_zero", "opt_zero_inplace", "grow"):
+    hooking = ("backward", "backward_head", "scaler_skip", "opt_zero", "opt_zero_inplace")
+    if op in hooking or (op == "grow" and not net.grown):
         # gradguard hooks an unfrozen parameter at the next step, optimizer
-        # clear, add_param_group, or backward into a parameter it hooked.
+        # clear, add_param_group (growing again adds none), or backward into
+        # a parameter it hooked.
         for r in refs:
             r.unhooked = r.unhooked and not r.trainable
     if op == "backward":

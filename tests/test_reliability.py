@@ -27,6 +27,7 @@ from gradguard import _tracker
 from gradguard._findings import make_finding
 from gradguard._guard import _GUARDS, Guard
 from gradguard._health import Readback
+from gradguard._judge import StepJudge
 from gradguard._schedule import Schedule
 from gradguard._tracker import REGISTRY
 
@@ -170,7 +171,7 @@ def test_a_failing_hook_raises_internal_error_in_strict_mode(monkeypatch, hook):
 def test_a_result_still_on_the_device_that_fails_at_close_is_contained(monkeypatch):
     """A device result whose judging fails when ``unguard`` reads it is logged, not raised."""
     monkeypatch.setattr(Readback, "ready", lambda self: False)  # a copy never done in time
-    monkeypatch.setattr(Guard, "_numerics", lambda self, *a: 1 / 0)
+    monkeypatch.setattr(StepJudge, "_numerics", lambda self, *a: 1 / 0)
     torch.manual_seed(0)
     net = Net()
     opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="log")
@@ -188,7 +189,7 @@ def test_a_result_still_on_the_device_that_fails_at_close_is_contained(monkeypat
 
 def test_a_failure_at_close_raises_internal_error_from_unguard_in_strict_mode(monkeypatch, net):
     """In strict mode a failure while closing raises from ``unguard``, with every hook removed."""
-    monkeypatch.setattr(Guard, "_report_unused", lambda self, final, location=None: 1 / 0)
+    monkeypatch.setattr(StepJudge, "report_unused", lambda self, final, location=None: 1 / 0)
     opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="strict")
     with structlog.testing.capture_logs() as logs:
         opt.zero_grad()
@@ -324,8 +325,10 @@ def rss_bytes() -> int:
 def held_by(g: Guard) -> dict[str, int]:
     """How many objects gradguard holds: each container of the guard and its parts, the registry."""
     sizes = {"registry": len(REGISTRY), "guards": len(_GUARDS)}
+    judge = g._judge
     parts = {"guard": g, "reporter": g._reporter, "namer": g._namer, "models": g._models}
-    parts.update(windows=g._windows, norms=g._norms, cadence=g._cadence)
+    parts.update(judge=judge, lifecycle=judge.lifecycle, windows=judge._windows)
+    parts.update(norms=judge._norms, cadence=judge._cadence)
     for part_name, part in parts.items():
         for name, value in vars(part).items():
             if isinstance(value, collections.deque) and value.maxlen is not None:

@@ -57,7 +57,7 @@ def test_a_short_training_run_is_silent_in_strict_mode(tmp_path, accumulate):
         t.train()
         g = gradguard.guard_of(t.optimizer)
         assert g is not None
-        steps = g._step
+        steps = g._judge.step
         declared = g.options.accumulation_steps
     finally:
         rows = gradguard.uninstall()
@@ -83,7 +83,7 @@ def test_guarding_the_trainers_optimizer_directly_is_silent(tmp_path):
     assert g is not None
     try:
         assert g.findings == []
-        assert g._step == 4
+        assert g._judge.step == 4
         assert g.options.accumulation_steps == 2  # found through the Trainer on the call stack
     finally:
         gradguard.unguard(t.optimizer)
