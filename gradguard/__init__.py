@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from gradguard._dispatch import SummaryRow
 from gradguard._exceptions import (
     AccumulationMismatchError,
     AccumulationMismatchWarning,
@@ -42,6 +41,7 @@ from gradguard._exceptions import (
     UnusedParameterWarning,
 )
 from gradguard._findings import CATALOGUE, Finding
+from gradguard._tally import SummaryRow
 
 if TYPE_CHECKING:
     from gradguard._api import guard, guard_of, guarding, unguard

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import re
 import threading
@@ -17,6 +16,8 @@ from gradguard._exceptions import ERRORS, WARNINGS, GradGuardInternalError, Grad
 from gradguard._findings import CATALOGUE, Finding
 from gradguard._jsonlog import _distributed
 from gradguard._stderr import say
+from gradguard._tally import SummaryRow as SummaryRow  # re-exported: `Guard` imports it from here
+from gradguard._tally import Tally
 
 Mode = Literal["warn", "strict", "log"]
 MODES: tuple[Mode, ...] = ("warn", "strict", "log")
@@ -149,26 +150,6 @@ def validate_codes(codes: object, source: str = "ignore") -> frozenset[str]:
     return frozenset(out)
 
 
-@dataclasses.dataclass(frozen=True)
-class SummaryRow:
-    """Counts for one finding code over a guard's lifetime."""
-
-    code: str
-    name: str
-    level: str
-    count: int
-    first_step: int
-    location: str
-    params: tuple[str, ...]
-    hint: str
-
-    @property
-    def doc(self) -> str:
-        """The page explaining this code, such as ``docs/findings/GG102.md``."""
-        entry = CATALOGUE.get(self.code)
-        return entry.doc if entry is not None else ""
-
-
 class Reporter:
     """Deduplicates findings and emits each new one according to the mode."""
 
@@ -228,23 +209,11 @@ class Reporter:
 
     def summary(self) -> list[SummaryRow]:
         """Per code: how often it fired, and where and how it first did."""
-        rows: dict[str, SummaryRow] = {}
+        tally = Tally()
+        # `counts` keeps the order first seen: a code's first finding is added first.
         for finding, count in self.counts.items():
-            row = rows.get(finding.code)
-            if row is None:
-                rows[finding.code] = SummaryRow(
-                    code=finding.code,
-                    name=finding.name,
-                    level=finding.level,
-                    count=count,
-                    first_step=finding.step,
-                    location=finding.location,
-                    params=finding.params,
-                    hint=finding.hint,
-                )
-            else:
-                rows[finding.code] = dataclasses.replace(row, count=row.count + count)
-        return [rows[c] for c in sorted(rows)]
+            tally.add(finding, count)
+        return tally.rows()
 
     def internal_error(self, exc: BaseException, where: str) -> None:
         """Log gradguard's own failure once; in strict mode raise it."""

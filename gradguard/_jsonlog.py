@@ -25,6 +25,7 @@ from typing import Any
 
 from gradguard._findings import Finding
 from gradguard._stderr import say
+from gradguard._tally import Tally
 
 RANK_PLACEHOLDER = "{rank}"
 # Per-step records (record_norms) are written in batches, so that a step pays
@@ -116,7 +117,7 @@ class JsonLog:
             ) from None
         self._label = label or f"the JSON log {self.path}"
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
+        self._tally = Tally()  # every finding, repeats and followed children included
         self._batch: list[tuple[str, str]] = []  # (kind, line): what a failure loses
         self._written = time.monotonic()
         self._lines: dict[str, int] = {}  # written so far, per kind
@@ -126,7 +127,7 @@ class JsonLog:
     def __call__(self, finding: Finding, first: bool) -> None:
         """Write ``finding`` if it is new; repeats are only counted, for the summary record."""
         with self._lock:
-            self._counts[finding.code] = self._counts.get(finding.code, 0) + 1
+            self._tally.add(finding)
         if first:
             self.write(finding)
 
@@ -172,8 +173,7 @@ class JsonLog:
         with self._lock:
             if self._fd is None:
                 return
-            for code, n in counts.items():
-                self._counts[code] = self._counts.get(code, 0) + n
+            self._tally.add_counts(counts)
             self._batch.extend(lines)
             self._write_batch()
 
@@ -213,8 +213,8 @@ class JsonLog:
         said here, once, on stderr.
         """
         with self._lock:
-            counts = dict(sorted(self._counts.items())) if self._fd is not None else {}
-            self._counts.clear()
+            counts = self._tally.counts if self._fd is not None else {}
+            self._tally = Tally()
         if counts:
             self._append(stamp({"event": "summary", "counts": counts}))
         with self._lock:

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
 from gradguard._config import short_repr
-from gradguard._dispatch import SummaryRow
 from gradguard._findings import CATALOGUE
+from gradguard._tally import SummaryRow, Tally
 
 Record = dict[str, Any]
 
@@ -131,7 +131,8 @@ class Run:
     paths: list[str]
     findings: list[Record] = dataclasses.field(default_factory=list)
     norms: list[Record] = dataclasses.field(default_factory=list)
-    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Per code: the count over every file, and the earliest finding in any.
+    tally: Tally = dataclasses.field(default_factory=Tally)
     ranks: set[int] = dataclasses.field(default_factory=set)
     notes: list[str] = dataclasses.field(default_factory=list)
     # From a followed child's own file only, never in a user's log: one
@@ -141,27 +142,7 @@ class Run:
 
     def summary(self) -> list[SummaryRow]:
         """Per code: the count over every file, and the first occurrence anywhere."""
-        first: dict[str, Record] = {}
-        # Timestamps are ISO 8601 in UTC, so their text order is their time order.
-        for rec in sorted(self.findings, key=lambda r: str(r.get("timestamp", ""))):
-            first.setdefault(str(rec["code"]), rec)
-        rows = []
-        for code in sorted(first):
-            rec = first[code]
-            entry = CATALOGUE.get(code)
-            rows.append(
-                SummaryRow(
-                    code=code,
-                    name=str(rec.get("event") or (entry.name if entry else "")),
-                    level=str(rec.get("level") or (entry.level if entry else "")),
-                    count=self.counts.get(code, 0),
-                    first_step=_int(rec.get("step")),
-                    location=str(rec.get("location") or ""),
-                    params=tuple(str(p) for p in rec.get("params") or ()),
-                    hint=str(rec.get("hint") or (entry.hint if entry else "")),
-                )
-            )
-        return rows
+        return self.tally.rows()
 
 
 def expand(patterns: Iterable[str]) -> list[str]:
@@ -236,9 +217,10 @@ def load(paths: Sequence[str]) -> Run:
         distinct: dict[str, int] = {}
         for rec in findings:
             distinct[rec["code"]] = distinct.get(rec["code"], 0) + 1
-        for code, n in distinct.items():
-            # Several processes may share one file; one that died wrote no summary.
-            run.counts[code] = run.counts.get(code, 0) + max(n, counts.get(code, 0))
+            # Timestamps are ISO 8601 in UTC, so their text order is their time order.
+            run.tally.first_seen(_first_row(rec), str(rec.get("timestamp", "")))
+        # Several processes may share one file; one that died wrote no summary.
+        run.tally.add_counts({code: max(n, counts.get(code, 0)) for code, n in distinct.items()})
         run.findings.extend(findings)
         if findings and not summaries:
             run.notes.append(
@@ -328,6 +310,22 @@ def _problem(rec: object) -> str | None:
         if name in rec and not check(rec[name]):
             return f'"{name}" must be {allowed}; got {short_repr(rec[name])}'
     return None
+
+
+def _first_row(rec: Record) -> SummaryRow:
+    """A finding record as its code's first occurrence; the catalogue fills in what it lacks."""
+    code = str(rec["code"])
+    entry = CATALOGUE.get(code)
+    return SummaryRow(
+        code=code,
+        name=str(rec.get("event") or (entry.name if entry else "")),
+        level=str(rec.get("level") or (entry.level if entry else "")),
+        count=0,  # `Tally.rows` gives the count
+        first_step=_int(rec.get("step")),
+        location=str(rec.get("location") or ""),
+        params=tuple(str(p) for p in rec.get("params") or ()),
+        hint=str(rec.get("hint") or (entry.hint if entry else "")),
+    )
 
 
 def _int(value: object) -> int:

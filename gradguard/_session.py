@@ -31,7 +31,6 @@ from gradguard._dispatch import (
     MODES,
     Mode,
     SinkHandle,
-    SummaryRow,
     _log,
     add_record_sink,
     add_sink,
@@ -39,11 +38,12 @@ from gradguard._dispatch import (
     validate_codes,
 )
 from gradguard._findings import Finding
-from gradguard._jsonlog import JsonLog, now, record, resolve_path
+from gradguard._jsonlog import JsonLog, now, resolve_path
 from gradguard._naming import REGISTRATIONS
 from gradguard._report import Record, Run, plural, render_table, wants_colour, width_for
 from gradguard._startup import say as say_once
 from gradguard._stderr import say
+from gradguard._tally import SummaryRow, Tally
 
 if TYPE_CHECKING:
     import torch
@@ -107,9 +107,8 @@ class Session:
         self.record_norms = record_norms
         self.findings: list[Finding] = []
         self.optimizers = 0
-        self._counts: dict[str, int] = {}
-        self._first: dict[str, Finding] = {}
-        self._first_at: dict[str, str] = {}  # when, to order it among the children's
+        # Stamped: a code's first occurrence here is ordered among the children's.
+        self._tally = Tally(clock=now)
         self._owned: weakref.WeakSet[Guard] = weakref.WeakSet()
         self._seen: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._log: JsonLog | ChildLog | None
@@ -241,7 +240,7 @@ class Session:
         """Take in what the followed children wrote: into the log, the summary, the verdict."""
         self._children = children
         if isinstance(self._log, JsonLog):
-            self._log.absorb(children.findings, children.norms, children.counts)
+            self._log.absorb(children.findings, children.norms, children.tally.counts)
         if self.mode == "strict":
             raised = [r for r in children.findings if r.get("level") in ("warning", "error")]
             if raised:
@@ -264,7 +263,7 @@ class Session:
         self._log = ChildLog(directory, self.stop_quietly)
         self.findings = []
         self.optimizers = 0
-        self._counts, self._first, self._first_at = {}, {}, {}
+        self._tally = Tally(clock=now)
         self._children = Run(paths=[])
 
     def discover(self, opt: torch.optim.Optimizer) -> None:
@@ -302,10 +301,7 @@ class Session:
     def _on_finding(self, finding: Finding, first: bool) -> None:
         if first:
             self.findings.append(finding)
-        self._counts[finding.code] = self._counts.get(finding.code, 0) + 1
-        if finding.code not in self._first:
-            self._first[finding.code] = finding
-            self._first_at[finding.code] = now()
+        self._tally.add(finding)
 
     def summary(self) -> list[SummaryRow]:
         """Per code: how often it fired while active, and where and how it first did.
@@ -313,30 +309,10 @@ class Session:
         After `stop`, the followed children's findings are counted in, and the
         first occurrence is the earliest in any process.
         """
-        if self._children.counts:
-            own = [
-                {**record(f), "timestamp": self._first_at[code]} for code, f in self._first.items()
-            ]
-            counts = dict(self._children.counts)
-            for code, n in self._counts.items():
-                counts[code] = counts.get(code, 0) + n
-            return Run(paths=[], findings=[*self._children.findings, *own], counts=counts).summary()
-        rows = []
-        for code in sorted(self._counts):
-            f = self._first[code]
-            rows.append(
-                SummaryRow(
-                    code=code,
-                    name=f.name,
-                    level=f.level,
-                    count=self._counts[code],
-                    first_step=f.step,
-                    location=f.location,
-                    params=f.params,
-                    hint=f.hint,
-                )
-            )
-        return rows
+        tally = Tally()
+        tally.merge(self._children.tally)  # first, so that on a tie the child's is kept
+        tally.merge(self._tally)
+        return tally.rows()
 
     def print_summary(self, file: TextIO | None = None) -> None:
         """Write the summary to stderr; nothing when nothing was found, unless verbose.
@@ -356,7 +332,7 @@ class Session:
             colour=wants_colour(stream),
             width=width_for(stream),
             in_children=InChildren(
-                findings=sum(children.counts.values()),
+                findings=sum(children.tally.counts.values()),
                 finding_processes=len({r.get("pid") for r in children.findings}),
                 optimizers=children.watched,
                 stepping_processes=len(children.stepping - {os.getpid()}),

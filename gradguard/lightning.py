@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from gradguard._api import attach, guard_of
 from gradguard._config import OPTION_NAMES, make_options
-from gradguard._dispatch import SummaryRow
 from gradguard._findings import Finding
 from gradguard._guard import Guard
+from gradguard._tally import SummaryRow
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback

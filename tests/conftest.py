@@ -112,6 +112,14 @@ def _no_leftover_guards() -> Iterator[None]:
     assert len(REGISTRY) == 0, "a test left gradguard hooks registered"
 
 
+def table(text: str) -> list[str]:
+    """The summary table's lines in ``text``: from its header to the end of the last fix."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("code "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return lines[start:end]
+
+
 def codes(g: gradguard.Guard) -> list[str]:
     """The distinct finding codes a guard reported, in order."""
     return [f.code for f in g.findings]

@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+import torch
+from conftest import ROOT, table
+from loops import BUGGY_SCRIPT, LOOP_SCRIPT, step_lineno, train
 
+import gradguard
 from gradguard import _plot
 from gradguard._report import load
 from gradguard._session import NOTHING_STEPPED
@@ -285,3 +288,50 @@ def test_a_python_subprocess_is_followed_and_its_sitecustomize_still_runs(
         "child.py:12",
     ]
     assert dict(os.environ) == before, "the run left its variables behind"
+
+
+# A child with both bugs: no zero_grad at all (GG101), then a clear between
+# backward and step (GG102), each on its own optimizer.
+BOTH_BUGS = LOOP_SCRIPT.format(before="pass", after="pass") + BUGGY_SCRIPT
+
+
+def _stale(steps: int = 3) -> None:
+    """Train in this process without ever clearing the gradients (GG101)."""
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        model(torch.ones(4, 2)).sum().backward()
+        opt.step()
+
+
+def test_the_summary_counts_a_child_in_and_names_each_codes_earliest_occurrence(
+    tmp_path: Path, subprocess_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each code's first location is the earliest in any process; counts add up; the
+    JSON log's summary record and its report agree with the exit summary."""
+    (tmp_path / "child.py").write_text(BOTH_BUGS)
+    log = tmp_path / "run.jsonl"
+    gradguard.install(mode="log", log_json=log)
+    try:
+        train(bug=True, steps=3)  # GG102 here, before the child's
+        child = subprocess.run(
+            [sys.executable, "child.py"], cwd=tmp_path, capture_output=True, text=True, timeout=180
+        )
+        assert child.returncode == 0, child.stderr
+        _stale()  # GG101 here, after the child's
+    finally:
+        rows = gradguard.uninstall()
+    at_exit = capsys.readouterr().err
+    child_step = 1 + BOTH_BUGS.splitlines().index("    opt.step()")
+    # Each optimizer's first step is its discovery: GG101 is judged from step 2.
+    assert [(r.code, r.count, r.first_step, os.path.basename(r.location)) for r in rows] == [
+        ("GG101", 4, 2, f"child.py:{child_step}"),
+        ("GG102", 6, 1, f"loops.py:{step_lineno()}"),
+    ]
+    assert "gradguard: 10 findings (mode=log, 5 of them in 1 child process)" in at_exit
+    *_, end = _records(log)
+    assert (end["event"], end["counts"]) == ("summary", {"GG101": 4, "GG102": 6})
+    assert main(["report", str(log)]) == 0
+    report = capsys.readouterr().out
+    assert report.startswith(f"gradguard: 10 findings in {log}\n\n")
+    assert table(report) == table(at_exit)

@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import table
 from loops import step_lineno, train
 
 import gradguard
-from gradguard._dispatch import SummaryRow
 from gradguard._report import render_table, wants_colour
+from gradguard._tally import SummaryRow
 from gradguard.cli import main
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -34,14 +35,6 @@ def _log(path: Path, *, steps: int, monkeypatch: pytest.MonkeyPatch, rank: int =
     gradguard.uninstall()
 
 
-def _table(text: str) -> list[str]:
-    """The table's lines: from its header to the end of the last fix."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("code "))
-    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
-    return lines[start:end]
-
-
 def test_report_prints_the_same_table_as_the_exit_summary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -52,8 +45,8 @@ def test_report_prints_the_same_table_as_the_exit_summary(
     assert main(["report", str(path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"gradguard: 4 findings in {path}\n\n")
-    assert _table(out) == _table(at_exit)
-    header, row, fix, *fix_continued = _table(out)
+    assert table(out) == table(at_exit)
+    header, row, fix, *fix_continued = table(out)
     assert re.split(r"  +", header) == HEADER
     assert row.split()[:4] == ["GG102", "cleared-before-step", "4", "1"]
     assert row.split()[4].endswith(f"loops.py:{step_lineno()}")
@@ -74,7 +67,7 @@ def test_report_merges_one_file_per_rank_from_a_quoted_glob(
     assert main(["report", str(tmp_path / "run-*.jsonl")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("gradguard: 9 findings in 2 files\n")
-    (row,) = [line for line in _table(out) if line.startswith("GG")]
+    (row,) = [line for line in table(out) if line.startswith("GG")]
     assert row.split()[:4] == ["GG102", "cleared-before-step", "9", "1"]
     assert "note:" not in out
 
