@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from gradguard._dispatch import Mode, validate_codes, validate_mode
 from gradguard._findings import Finding
 from gradguard._jsonlog import JsonLog
+from gradguard._process import keep
 from gradguard._report import ReportError, Run, load
 from gradguard._startup import ENV_VAR
 from gradguard._startup import say as _say
@@ -48,7 +49,7 @@ _STARTUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_startup.py
 _PATH_VAR = "PYTHONPATH"
 
 # Sessions that follow children or report to a parent: a fork must re-point them.
-_FOLLOWING: weakref.WeakSet[Session] = weakref.WeakSet()
+_FOLLOWING: weakref.WeakSet[Session] = keep("following", weakref.WeakSet())
 
 
 @dataclasses.dataclass(frozen=True)

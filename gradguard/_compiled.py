@@ -26,11 +26,13 @@ from typing import Any
 
 import torch
 
+from gradguard._process import keep
+
 Hook = Callable[..., None]
 
 # The hooks wrapped without dynamo seen by this process, built on first use:
 # importing torch._dynamo costs more than a second, so gradguard never does.
-_DISABLED: dict[Hook, Hook] = {}
+_DISABLED: dict[Hook, Hook] = keep("untraced hooks", {}, cache=True)
 _REASON = "gradguard's step hooks run outside the graph"
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from gradguard._dispatch import Mode, validate_codes, validate_mode
+from gradguard._process import keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Source(Protocol):
 
 # The active sessions, innermost last. Here rather than in `_session` so that
 # creating a guard reads them without importing the module that attaches guards.
-_ACTIVE: list[Source] = []
+_ACTIVE: list[Source] = keep("session defaults", [])
 _LOCK = threading.Lock()
 
 

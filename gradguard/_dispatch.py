@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import threading
@@ -15,27 +16,26 @@ import structlog
 from gradguard._exceptions import ERRORS, WARNINGS, GradGuardInternalError, GradGuardWarning
 from gradguard._findings import CATALOGUE, Finding
 from gradguard._jsonlog import _distributed
+from gradguard._process import keep
 from gradguard._stderr import say
-from gradguard._tally import SummaryRow as SummaryRow  # re-exported: `Guard` imports it from here
-from gradguard._tally import Tally
+from gradguard._tally import SummaryRow, Tally
 
 Mode = Literal["warn", "strict", "log"]
 MODES: tuple[Mode, ...] = ("warn", "strict", "log")
 
 _logger = structlog.get_logger("gradguard")
-_fallback: Any = None
 
 Sink = Callable[[Finding, bool], None]
 """Receives ``(finding, first)`` for every finding any guard reports; ``first`` is
 false when the finding repeats one already emitted."""
 
-_SINKS: dict[int, Sink] = {}
+_SINKS: dict[int, Sink] = keep("sinks", {})
 _SINK_IDS = itertools.count()
 
 RecordSink = Callable[[dict[str, Any]], None]
 """Receives records that are not findings, such as a step's gradient norms."""
 
-_RECORD_SINKS: dict[int, RecordSink] = {}
+_RECORD_SINKS: dict[int, RecordSink] = keep("record sinks", {})
 
 
 class SinkHandle:
@@ -293,7 +293,8 @@ def _plain(event: str, fields: dict[str, Any]) -> str:
     return " ".join([f"gradguard: {event}", *(f"{k}={v}" for k, v in fields.items())])
 
 
-_FAILED_PIPELINE: list[object] = []  # the configuration whose failure was said
+# The configuration whose failure was said.
+_FAILED_PIPELINE: list[object] = keep("failed log pipeline", [], cache=True)
 _FAILED_LOCK = threading.Lock()
 
 
@@ -337,19 +338,17 @@ def _log() -> _Logger:
     return _LOGGER
 
 
+@functools.cache
 def _console() -> Any:
     """The stderr console logger used while structlog is not configured."""
-    global _fallback
-    if _fallback is None:
-        _fallback = structlog.wrap_logger(
-            _StderrLogger(),
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="%H:%M:%S"),
-                structlog.dev.ConsoleRenderer(colors=False),
-            ],
-        ).bind(logger="gradguard")
-    return _fallback
+    return structlog.wrap_logger(
+        _StderrLogger(),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+    ).bind(logger="gradguard")
 
 
 class _StderrLogger:

@@ -26,16 +26,18 @@ from torch.utils.hooks import RemovableHandle
 from gradguard._checks import StepVerdict, judge_step
 from gradguard._compiled import RUN_CODE, hook_caller, untraced
 from gradguard._config import Options
-from gradguard._dispatch import Reporter, SummaryRow
+from gradguard._dispatch import Reporter
 from gradguard._exceptions import GradGuardError, GradGuardWarning
 from gradguard._findings import Finding, make_finding
 from gradguard._health import LATENESS
 from gradguard._judge import StepJudge
 from gradguard._models import ModelWatch
 from gradguard._naming import ParamNamer, Place, fallback_names
+from gradguard._process import keep, keep_with
 from gradguard._schedule import Schedule
 from gradguard._sharded import is_sharded
 from gradguard._sharded import sources as sharded_sources
+from gradguard._tally import SummaryRow
 from gradguard._tracker import (
     REGISTRY,
     STEPS,
@@ -55,8 +57,23 @@ Kwargs = dict[str, Any]
 _PROPAGATE = (GradGuardError, GradGuardWarning)
 """What a hook lets through: a strict finding, or a warning the user's filters made an error."""
 
-_GUARDS: weakref.WeakKeyDictionary[torch.optim.Optimizer, Guard] = weakref.WeakKeyDictionary()
-_LABELS: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)
+
+def _close_guards() -> None:
+    """Close every live guard, whatever it raises (the reset of `_GUARDS`, for tests)."""
+    for guard in list(_GUARDS.values()):
+        try:
+            guard.close()
+        except Exception:  # a strict finding judged at close, or a guard that failed
+            guard._detach(force=True)
+    _GUARDS.clear()
+
+
+_GUARDS: weakref.WeakKeyDictionary[torch.optim.Optimizer, Guard] = keep_with(
+    "guards", weakref.WeakKeyDictionary(), _close_guards, len
+)
+_LABELS: defaultdict[str, itertools.count[int]] = keep(
+    "optimizer labels", defaultdict(itertools.count), cache=True
+)
 _LOCK = threading.Lock()
 
 _PARAMS = operator.itemgetter("params")

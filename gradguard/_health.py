@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gradguard._process import keep, keep_with
 from gradguard._sharded import local
 
 
@@ -55,6 +56,7 @@ class Lateness:
 
 
 LATENESS = Lateness()
+keep_with("lateness", LATENESS, LATENESS.reset)
 
 
 class _Waits:
@@ -62,8 +64,11 @@ class _Waits:
 
     count = 0
 
+    def clear(self) -> None:
+        self.count = 0
 
-WAITS = _Waits()
+
+WAITS = keep("waits", _Waits(), cache=True)
 
 
 class Readback:

@@ -31,6 +31,7 @@ from gradguard._health import (
 from gradguard._lifecycle import Entries, Lifecycle, Params
 from gradguard._models import ModelWatch, Sighting
 from gradguard._naming import Location, Place
+from gradguard._process import Flag, keep
 from gradguard._ranks import compare as compare_ranks
 from gradguard._ranks import start as start_rank_check
 from gradguard._schedule import Schedule
@@ -44,7 +45,7 @@ Report = Callable[..., None]
 _UNOPTIMIZED_EVERY = 25
 # Whether a guard of this run (since the last time no guard was left) opened
 # its `Sighting`: one per run, however many optimizers are guarded.
-_SIGHTED = False
+_SIGHTED = keep("sighting opened", Flag())
 
 _GRAD = operator.attrgetter("grad")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
@@ -131,13 +132,12 @@ class StepJudge:
 
     def close(self) -> None:
         """Remove the checks' hooks and forget what they hold; idempotent."""
-        global _SIGHTED
         self._closed = True
         self.lifecycle.close()
         self._backward_norms.remove()
         self._end_sighting()
         if len(REGISTRY) == 0:  # the run is over: the next one looks again
-            _SIGHTED = False
+            _SIGHTED.value = False
         self._entries, self._never_used = [], []
         self._unused.clear()
 
@@ -202,11 +202,10 @@ class StepJudge:
 
     def _sight(self, held: set[int], location: Place) -> None:
         """GG302 for modules gradguard was not told about: open a `Sighting`, or judge it."""
-        global _SIGHTED
         sighting = self._sighting
         if sighting is None:
-            if not _SIGHTED:
-                _SIGHTED = True
+            if not _SIGHTED.value:
+                _SIGHTED.value = True
                 self._sighting = Sighting()
                 self._sighting.look(self._models.models([]), held)
                 if not self._sighting.candidates:

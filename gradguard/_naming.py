@@ -22,6 +22,8 @@ from torch.nn.modules.module import (
 )
 from torch.utils.hooks import RemovableHandle
 
+from gradguard._process import keep
+
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
 # Frames that belong to the machinery between the user's call and our hook.
@@ -35,23 +37,20 @@ _PACKAGE_DIRS = tuple(
 # Training frameworks that call step() for the user: a finding points past
 # their frames to the user's own line (their training_step, or trainer.fit).
 _FRAMEWORKS = ("lightning", "pytorch_lightning", "lightning_fabric", "accelerate", "transformers")
-_framework_dirs: tuple[str, ...] | None = None
 
 
+@functools.cache
 def _frameworks() -> tuple[str, ...]:
     """Directories of the installed frameworks, found once without importing them."""
-    global _framework_dirs
-    if _framework_dirs is None:
-        dirs = []
-        for name in _FRAMEWORKS:
-            try:
-                spec = importlib.util.find_spec(name)
-            except (ImportError, ValueError):
-                continue
-            for location in (spec.submodule_search_locations or []) if spec else []:
-                dirs.append(os.path.join(location, ""))
-        _framework_dirs = tuple(dirs)
-    return _framework_dirs
+    dirs = []
+    for name in _FRAMEWORKS:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            dirs.append(os.path.join(location, ""))
+    return tuple(dirs)
 
 
 def _python_dirs() -> tuple[str, ...]:
@@ -317,6 +316,14 @@ class Registrations:
             self.params.clear()
             self.parents.clear()
 
+    def clear(self) -> None:
+        """Stop noting, whoever started (a reset for tests)."""
+        self._users = 1
+        self.stop()
+
+    def __len__(self) -> int:
+        return self._users
+
     def roots(self, params: Iterable[torch.Tensor]) -> list[nn.Module]:
         """The outermost modules holding ``params``, as far as registrations tell."""
         out: dict[int, nn.Module] = {}
@@ -368,7 +375,7 @@ class Registrations:
                     del table[key]
 
 
-REGISTRATIONS = Registrations()
+REGISTRATIONS = keep("module registrations", Registrations())
 
 
 def named_modules_in_main() -> list[tuple[str, nn.Module]]:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from gradguard._dispatch import _log
 from gradguard._health import Readback, _norms
+from gradguard._process import Flag, keep
 
 BUCKETS = 64
 HEADER = 3  # step, parameter count, parameters without a gradient
@@ -39,9 +40,10 @@ TIMEOUT = datetime.timedelta(minutes=5)
 SIZE = HEADER + BUCKETS
 
 _LOCK = threading.Lock()
-_GROUP: tuple[Any, Any] | None = None  # (the default group it was made for, ours)
-_QUEUE: collections.deque[Exchange] = collections.deque()  # made, not posted yet
-_BROKEN = False  # a collective failed: pairing is lost for the rest of the run
+# The default group it was made for -> our gloo group (one entry).
+_GROUP: dict[str, tuple[Any, Any]] = keep("rank group", {}, cache=True)
+_QUEUE: collections.deque[Exchange] = keep("rank exchanges", collections.deque())  # not posted
+_BROKEN = keep("rank check broken", Flag())  # a collective failed: pairing is lost for the run
 
 
 def world() -> int:
@@ -57,12 +59,12 @@ def _group() -> Any:
     Creating a group is itself collective, so it happens at the first check,
     which every rank reaches at the same step.
     """
-    global _GROUP
     with _LOCK:
         default = dist.group.WORLD
-        if _GROUP is None or _GROUP[0] is not default:
-            _GROUP = (default, dist.new_group(backend="gloo", timeout=TIMEOUT))
-        return _GROUP[1]
+        made = _GROUP.get("group")
+        if made is None or made[0] is not default:
+            made = _GROUP["group"] = (default, dist.new_group(backend="gloo", timeout=TIMEOUT))
+        return made[1]
 
 
 def fingerprint(grads: list[torch.Tensor | None], step: int) -> torch.Tensor | None:
@@ -113,7 +115,7 @@ class Exchange:
 
     def _post(self) -> None:
         local, self._local = self._local, None
-        if local is None or _BROKEN:
+        if local is None or _BROKEN.value:
             self._failed = True
             return
         try:
@@ -124,10 +126,9 @@ class Exchange:
             self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
-        global _BROKEN
         self._failed = True
-        if not _BROKEN:
-            _BROKEN = True
+        if not _BROKEN.value:
+            _BROKEN.value = True
             _log().warning(
                 "rank-check-failed",
                 error=f"{type(exc).__name__}: {exc}",
@@ -174,9 +175,8 @@ def _post_until(exchange: Exchange) -> None:
 
 def start(grads: list[torch.Tensor | None], step: int) -> Exchange | None:
     """Begin comparing ``grads`` across ranks; ``None`` when there is nothing to compare."""
-    global _BROKEN
     ranks = world()
-    if ranks < 2 or _BROKEN:
+    if ranks < 2 or _BROKEN.value:
         return None
     local = fingerprint(grads, step)
     if local is None:
@@ -184,7 +184,7 @@ def start(grads: list[torch.Tensor | None], step: int) -> Exchange | None:
     try:
         group = _group()
     except Exception as exc:
-        _BROKEN = True
+        _BROKEN.value = True
         _log().warning(
             "rank-check-failed",
             error=f"{type(exc).__name__}: {exc}",

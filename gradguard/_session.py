@@ -40,6 +40,7 @@ from gradguard._dispatch import (
 from gradguard._findings import Finding
 from gradguard._jsonlog import JsonLog, now, resolve_path
 from gradguard._naming import REGISTRATIONS
+from gradguard._process import keep
 from gradguard._report import Record, Run, plural, render_table, wants_colour, width_for
 from gradguard._startup import say as say_once
 from gradguard._stderr import say
@@ -54,7 +55,29 @@ if TYPE_CHECKING:
 Setting = Literal["warn", "strict", "log", "off"]
 SETTINGS: tuple[Setting, ...] = (*MODES, "off")
 
-_INSTALLED: Session | None = None
+
+class _Sessions:
+    """The process's own sessions: `install`'s, and a followed child's."""
+
+    def __init__(self) -> None:
+        self.installed: Session | None = None
+        self.child: Session | None = None  # the session the startup hook started here
+        self.left = False  # this process stopped reporting to its parent run
+
+    def clear(self) -> None:
+        """Stop both without a summary (a reset for tests)."""
+        installed, child, self.installed, self.child = self.installed, self.child, None, None
+        self.left = False
+        atexit.unregister(_at_exit)
+        for session in (installed, child):
+            if session is not None:
+                session.stop_quietly()
+
+    def __len__(self) -> int:
+        return (self.installed is not None) + (self.child is not None)
+
+
+_SESSIONS = keep("sessions", _Sessions())
 
 
 def validate_setting(value: object, source: str = "mode") -> Setting:
@@ -401,18 +424,14 @@ def _where(part: int, total: int, processes: int) -> str:
 
 # -- a followed child's own session ---------------------------------------------
 
-_CHILD: Session | None = None  # the session the startup hook started in this process
-_LEFT = False  # this process stopped reporting to its parent run
-
 
 def start_child() -> Session | None:
     """Start this child's session if it is a followed child and has none yet."""
-    global _CHILD, _LEFT
-    if _CHILD is not None or _LEFT:
-        return _CHILD
+    if _SESSIONS.child is not None or _SESSIONS.left:
+        return _SESSIONS.child
     found = _children.settings()
     if found is None:  # not followed, or unreadable: said once, never tried again
-        _LEFT = True
+        _SESSIONS.left = True
         return None
     session = Session(
         found.mode,
@@ -422,29 +441,27 @@ def start_child() -> Session | None:
     )
     # Not a hook of its own: this may run inside torch's loop over the global hooks.
     session.start(global_hook=False)
-    _CHILD = session
+    _SESSIONS.child = session
     return session
 
 
 def on_child_step(opt: Any, args: Any, kwargs: Any) -> None:
     """The startup hook's step pre-hook: discover ``opt`` in this child's session."""
-    global _LEFT
     try:
         session = start_child()
         if session is not None and session.active:
             session.discover(opt)
     except Exception as exc:  # never break the child's step
-        _LEFT = True
+        _SESSIONS.left = True
         say_once(f"runs unguarded from now on: {type(exc).__name__}: {exc}")
 
 
 def leave_parent_run() -> None:
     """Stop reporting to the parent run: an explicit `install` or ``gradguard run`` here wins."""
-    global _CHILD, _LEFT
-    if _CHILD is None and _children.settings() is None:
+    if _SESSIONS.child is None and _children.settings() is None:
         return  # not a followed child
-    _LEFT = True
-    session, _CHILD = _CHILD, None
+    _SESSIONS.left = True
+    session, _SESSIONS.child = _SESSIONS.child, None
     if session is not None:
         session.stop_quietly()
 
@@ -512,8 +529,7 @@ def install(
         leave_parent_run()
     if session is None:
         return
-    global _INSTALLED
-    _INSTALLED = session
+    _SESSIONS.installed = session
     session.start()
     atexit.register(_at_exit)
 
@@ -523,8 +539,7 @@ def uninstall() -> list[SummaryRow]:
 
     Guards created by `gradguard.guard` stay in place.
     """
-    global _INSTALLED
-    session, _INSTALLED = _INSTALLED, None
+    session, _SESSIONS.installed = _SESSIONS.installed, None
     if session is None:
         return []
     atexit.unregister(_at_exit)

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gradguard._process import keep
 from gradguard._sharded import is_dtensor, local, version_of
 
 _TENSOR = torch.Tensor
@@ -113,8 +114,12 @@ class _StepStack(threading.local):
         """Whether this thread is inside an optimizer step (cheap when it is not)."""
         return bool(self.frames) and self.running()
 
+    def clear(self) -> None:
+        """Forget this thread's steps (a reset for tests)."""
+        self.frames = []
 
-STEPS = _StepStack()
+
+STEPS = keep("steps", _StepStack(), size=lambda steps: len(steps.frames))
 
 _graph_task_id: Callable[[], int] = torch._C._current_graph_task_id
 _ENGINE: Any = torch.autograd.Variable._execution_engine
@@ -143,7 +148,7 @@ class _Backward:
         self.shared: dict[tuple[int, int], bool] = {}
 
 
-_BACKWARDS: dict[int, _Backward] = {}
+_BACKWARDS: dict[int, _Backward] = keep("backward passes", {})
 # Verdicts for hooks that run outside any graph task we can attach to.
 _LOOSE = _Backward()
 
@@ -848,8 +853,20 @@ class Registry:
         with self._lock:
             return list(self._slots)
 
+    def clear(self) -> None:
+        """Unhook and forget every slot (a reset for tests, once the guards are closed)."""
+        with self._lock:
+            slots = {id(s): s for s in [*self._slots.values(), *self.frozen.values()]}
+            self._slots.clear()
+            self.frozen.clear()
+        for slot in slots.values():
+            slot.unhook()
+            if slot.finalizer is not None:
+                slot.finalizer.detach()
+        self.looked = -1
+
     def __len__(self) -> int:
         return len(self._slots)
 
 
-REGISTRY = Registry()
+REGISTRY = keep("slots", Registry())

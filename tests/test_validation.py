@@ -259,12 +259,12 @@ def test_install_arguments_leave_the_running_session_alone(
     """A bad install() raises naming the value; the session already running goes on as it was."""
     monkeypatch.chdir(tmp_path)
     gradguard.install(mode="strict", log_json="running.jsonl")
-    running = _session._INSTALLED
+    running = _session._SESSIONS.installed
     try:
         with pytest.raises(row.error) as exc:
             gradguard.install(**row.kwargs)
         _assert_says(exc, row)
-        assert _session._INSTALLED is running
+        assert _session._SESSIONS.installed is running
         assert running is not None
         assert running.active
         assert running.log_path == "running.jsonl"
