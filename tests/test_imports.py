@@ -158,6 +158,25 @@ def test_guard_works_after_a_torch_free_import() -> None:
     assert proc.stdout.split() == ["GG102"]
 
 
+def test_importing_the_testing_helpers_does_not_import_torch() -> None:
+    """`import gradguard.testing` leaves torch out; `record` then collects findings as before."""
+    proc = _python(
+        "import sys, gradguard, gradguard.testing\n"
+        "assert 'torch' not in sys.modules, 'import gradguard.testing imported torch'\n"
+        "import torch\n"
+        "model = torch.nn.Linear(2, 1)\n"
+        "opt = gradguard.guard(torch.optim.SGD(model.parameters(), lr=0.1), mode='log')\n"
+        "with gradguard.testing.record(gradguard.guard_of(opt)) as seen:\n"
+        "    for _ in range(2):\n"
+        "        model(torch.ones(1, 2)).sum().backward()\n"
+        "        opt.zero_grad()\n"
+        "        opt.step()\n"
+        "print(*[f.code for f in seen])\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["GG102", "GG102"]
+
+
 def _cli(*args: str) -> str:
     """A program that runs the ``gradguard`` command with ``args`` and says if torch came in."""
     return (
