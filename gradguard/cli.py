@@ -9,6 +9,9 @@ run exit 1.
 
 ``gradguard report``: the summary table of one or more JSON-lines logs, and
 optionally the gradient timeline as a picture.
+
+Only ``run`` imports torch (through `gradguard._session`): ``gradguard --help``
+and ``gradguard report`` start in a fraction of torch's import time.
 """
 
 from __future__ import annotations
@@ -25,13 +28,12 @@ import types
 import zipfile
 from collections.abc import Callable, Sequence
 from importlib.machinery import SourceFileLoader
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from gradguard import _plot
 from gradguard._dispatch import validate_codes
 from gradguard._exceptions import ERRORS, GradGuardError
 from gradguard._jsonlog import resolve_path
-from gradguard._naming import step_frames
 from gradguard._report import (
     Record,
     ReportError,
@@ -41,8 +43,10 @@ from gradguard._report import (
     wants_colour,
     width_for,
 )
-from gradguard._session import SETTINGS, Session, leave_parent_run, parse_setting
 from gradguard._stderr import say
+
+if TYPE_CHECKING:
+    from gradguard._session import Session
 
 ENV_VAR = "GRADGUARD"
 _VALUE_OPTIONS = ("--mode", "--log-json", "--ignore")
@@ -76,9 +80,39 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
         ),
         usage="gradguard run [options] (script.py | -m module) [args ...]",
     )
+    report = sub.add_parser(
+        "report",
+        help="summarise JSON-lines logs as a table, and plot the gradient timeline",
+        description=(
+            "Print the findings of one or more gradguard JSON-lines logs (one per rank, "
+            "merged) as a table: code, name, count, first step, first location, "
+            "parameters and the fix."
+        ),
+    )
+    report.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="JSON-lines logs written by --log-json; a quoted glob such as 'run-*.jsonl' works",
+    )
+    report.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw the gradient norms per step, with each finding marked, to this file "
+        '(needs matplotlib: pip install "gradguard[plot]")',
+    )
+    return parser, run, report
+
+
+def _add_run_options(run: argparse.ArgumentParser, settings: Sequence[str]) -> None:
+    """Add ``run``'s options to its parser.
+
+    Only ``run`` calls this: ``settings`` (`gradguard._session.SETTINGS`) comes
+    from a module that imports torch, which ``--help`` and ``report`` never need.
+    """
     run.add_argument(
         "--mode",
-        metavar="{" + ",".join(SETTINGS) + "}",
+        metavar="{" + ",".join(settings) + "}",
         help=(
             "strict: raise at the first finding; warn: a Python warning per finding "
             "(default); log: log events only; off: run without gradguard. "
@@ -105,28 +139,6 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
     run.add_argument("-m", dest="module", metavar="module", help="run a library module as a script")
     run.add_argument("script", nargs="?", help="the script to run")
     run.add_argument("args", nargs="*", help="the script's own arguments")
-    report = sub.add_parser(
-        "report",
-        help="summarise JSON-lines logs as a table, and plot the gradient timeline",
-        description=(
-            "Print the findings of one or more gradguard JSON-lines logs (one per rank, "
-            "merged) as a table: code, name, count, first step, first location, "
-            "parameters and the fix."
-        ),
-    )
-    report.add_argument(
-        "paths",
-        nargs="+",
-        metavar="PATH",
-        help="JSON-lines logs written by --log-json; a quoted glob such as 'run-*.jsonl' works",
-    )
-    report.add_argument(
-        "--plot",
-        metavar="PNG",
-        help="also draw the gradient norms per step, with each finding marked, to this file "
-        '(needs matplotlib: pip install "gradguard[plot]")',
-    )
-    return parser, run, report
 
 
 def _split(tokens: list[str]) -> tuple[list[str], str | None, str | None, list[str]]:
@@ -168,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args(tokens)  # --help, --version, or a usage error
         parser.print_usage(sys.stderr)
         return 2
+    from gradguard._session import SETTINGS, Session, leave_parent_run, parse_setting
+
+    _add_run_options(run_parser, SETTINGS)
     option_tokens, script, module, rest = _split(tokens[1:])
     opts = run_parser.parse_args(option_tokens)
     if script is None and module is None:
@@ -376,6 +391,8 @@ def _report_at_exit(exc: BaseException) -> None:
 
 def _print_strict(exc: GradGuardError, mode: str) -> None:
     """Report a strict-mode finding: the user's frames, then the finding's message last."""
+    from gradguard._naming import step_frames  # imports torch, which the run has imported
+
     frames = traceback.extract_tb(_user_traceback(exc.__traceback__))
     # The frames inside a library's optimizer wrapper, torch's step wrapper and
     # gradguard's hooks say nothing about the user's loop; the traceback ends

@@ -1,15 +1,20 @@
-"""Helpers for asserting on gradguard in your own tests."""
+"""Helpers for asserting on gradguard in your own tests.
+
+Importing this module does not import torch, so a ``conftest.py`` can import it
+for every test run; `record` imports torch when it is called.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-
-import torch
+from typing import TYPE_CHECKING
 
 from gradguard._config import describe
 from gradguard._findings import Finding
-from gradguard._guard import Guard
+
+if TYPE_CHECKING:
+    from gradguard._guard import Guard
 
 
 def record(guard: Guard) -> contextlib.AbstractContextManager[list[Finding]]:
@@ -23,6 +28,10 @@ def record(guard: Guard) -> contextlib.AbstractContextManager[list[Finding]]:
     Raises:
         TypeError: ``guard`` is not a `Guard` (an optimizer, say), at the call.
     """
+    import torch
+
+    from gradguard._guard import Guard
+
     if isinstance(guard, torch.optim.Optimizer):
         raise TypeError(
             f"record() needs a gradguard.Guard, not the optimizer ({type(guard).__name__}); "

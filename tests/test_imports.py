@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, child_env
+from loops import train
 
 import gradguard
 
@@ -155,6 +156,71 @@ def test_guard_works_after_a_torch_free_import() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["GG102"]
+
+
+def test_importing_the_testing_helpers_does_not_import_torch() -> None:
+    """`import gradguard.testing` leaves torch out; `record` then collects findings as before."""
+    proc = _python(
+        "import sys, gradguard, gradguard.testing\n"
+        "assert 'torch' not in sys.modules, 'import gradguard.testing imported torch'\n"
+        "import torch\n"
+        "model = torch.nn.Linear(2, 1)\n"
+        "opt = gradguard.guard(torch.optim.SGD(model.parameters(), lr=0.1), mode='log')\n"
+        "with gradguard.testing.record(gradguard.guard_of(opt)) as seen:\n"
+        "    for _ in range(2):\n"
+        "        model(torch.ones(1, 2)).sum().backward()\n"
+        "        opt.zero_grad()\n"
+        "        opt.step()\n"
+        "print(*[f.code for f in seen])\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["GG102", "GG102"]
+
+
+def _cli(*args: str) -> str:
+    """A program that runs the ``gradguard`` command with ``args`` and says if torch came in."""
+    return (
+        "import sys\n"
+        "from gradguard.cli import main\n"
+        "try:\n"
+        f"    status = main({list(args)!r})\n"
+        "except SystemExit as exc:\n"
+        "    status = exc.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+        "sys.exit(status)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "answer"),
+    [("--help", "summarise JSON-lines logs"), ("--version", gradguard.__version__)],
+    ids=["help", "version"],
+)
+def test_the_commands_help_does_not_import_torch(flag: str, answer: str) -> None:
+    """``gradguard --help`` and ``--version`` answer without importing torch."""
+    proc = _python(_cli(flag))
+    assert proc.returncode == 0, proc.stderr
+    assert answer in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "no torch"
+
+
+@pytest.mark.parametrize("plot", [False, True], ids=["table", "plot"])
+def test_reporting_on_a_log_does_not_import_torch(tmp_path: Path, plot: bool) -> None:
+    """``gradguard report LOG`` prints the table, and ``--plot`` draws it, without torch."""
+    log = tmp_path / "run.jsonl"
+    gradguard.install(mode="log", log_json=log, record_norms=True)
+    try:
+        train(bug=False, steps=3)
+        train(bug=True, steps=2)
+    finally:
+        gradguard.uninstall()
+    picture = tmp_path / "timeline.png"
+    args = ["report", *(["--plot", str(picture)] if plot else []), str(log)]
+    proc = _python(_cli(*args))
+    assert proc.returncode == 0, proc.stderr
+    assert "GG102  cleared-before-step" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "no torch"
+    assert picture.exists() == plot
 
 
 def test_every_public_name_is_in_all_and_dir() -> None:

@@ -210,6 +210,17 @@ def test_bad_arguments_exit_2_naming_the_value(
     assert named in capsys.readouterr().err
 
 
+def test_run_help_lists_its_options_and_every_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    """``gradguard run --help`` shows each of run's options and the modes --mode takes."""
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--mode {warn,strict,log,off}" in out
+    for option in ("--log-json PATH", "--ignore CODES", "--record-norms", "--verbose", "-m module"):
+        assert option in out
+
+
 DISTILL_SCRIPT = """\
 import sys
 
