@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import gradguard
-from gradguard import _guard
+from gradguard import _health, _judge
 
 PASSES = {False: 0, True: 0}
 
@@ -72,16 +72,16 @@ def seconds_per_step(record_norms: bool, steps: int, warmup: int, log: str) -> f
 
 def count_passes(record_norms: bool) -> Callable[[], None]:
     """Count the norm passes until the returned function is called."""
-    original = _guard.grad_norms
+    original = _judge.grad_norms
 
     def counting(*args: Any) -> Any:
         PASSES[record_norms] += 1
         return original(*args)
 
-    _guard.grad_norms = counting
+    _judge.grad_norms = counting
 
     def stop() -> None:
-        _guard.grad_norms = original
+        _judge.grad_norms = original
 
     return stop
 
@@ -95,16 +95,15 @@ def part_costs(log: str, calls: int = 2000) -> tuple[float, float]:
         assert guard is not None
         train(model, opt, 3)
         params = list(model.parameters())
-        grads = [p.grad for p in params if p.grad is not None]
         passes = []
         for _ in range(200):
             start = time.thread_time()
-            _guard.grad_norms(grads, None, None)
+            _health.grad_norms(params, None, None)
             passes.append(time.thread_time() - start)
         norms = [0.5] * len(params)
         start = time.thread_time()
         for _ in range(calls):
-            guard._record_norms(list(params), norms, 7)
+            guard._judge._record_norms(list(params), norms, 7)
         return statistics.median(passes), (time.thread_time() - start) / calls
     finally:
         gradguard.uninstall()

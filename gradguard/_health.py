@@ -135,6 +135,7 @@ class Readback:
         return out
 
 
+_GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 _LAYOUT = operator.attrgetter("layout")
@@ -312,14 +313,16 @@ class FiniteProbe:
 
 
 def grad_norms(
-    grads: list[torch.Tensor], scale: torch.Tensor | None, skipped: torch.Tensor | None
+    params: list[torch.Tensor], scale: torch.Tensor | None, skipped: torch.Tensor | None
 ) -> Readback | None:
-    """Queue each gradient's 2-norm, divided by ``scale``, then a skipped-step flag.
+    """Queue the 2-norm of each of ``params``' gradients, divided by ``scale``, then a
+    skipped-step flag.
 
     ``scale`` is a GradScaler's scale when the gradients are still scaled at
     step time (fused optimizers); ``skipped`` its found-inf tensor, nonzero
-    when the scaler is skipping this step.
+    when the scaler is skipping this step. Holds no gradient past the call.
     """
+    grads: list[torch.Tensor] = list(map(_GRAD, params))
     plain = _plain(grads)  # the usual case: one pass of one op, below
     if not (plain or _one_device(grads)):
         return None
@@ -545,7 +548,7 @@ class BackwardNorms:
             params = self._collect()
             if not params:
                 return
-            readback = grad_norms([p.grad for p in params], None, None)  # type: ignore[misc]
+            readback = grad_norms(params, None, None)
             if readback is not None:
                 self._taken = (readback, [weakref.ref(p) for p in params])
         except Exception as exc:

@@ -9,6 +9,7 @@ goes to the guard's `Schedule` with the resolver that judges it.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import weakref
@@ -47,7 +48,6 @@ _UNOPTIMIZED_EVERY = 25
 # its `Sighting`: one per run, however many optimizers are guarded.
 _SIGHTED = keep("sighting opened", Flag())
 
-_GRAD = operator.attrgetter("grad")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _USED = operator.attrgetter("used")
 _FIRST = operator.itemgetter(0)
@@ -98,6 +98,8 @@ class StepJudge:
         self._unused: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self._sighting: Sighting | None = None  # GG302 beyond the known models
         self._sharded: bool | None = None  # whether FSDP shards the parameters (GG401)
+        # The norm pass the step's zero check queued, for its numeric checks.
+        self._shared: tuple[Params, Readback | None] | None = None
         self._closed = False
 
     def new_entries(self, entries: Entries) -> None:
@@ -115,12 +117,13 @@ class StepJudge:
             self._check_ranks(entries, location)  # first: every rank must take part
         if not verdict.trainable:
             return
-        self.lifecycle.judge(verdict, location, self.step)
+        self.lifecycle.judge(verdict, location, self.step, functools.partial(self._norms_of, opt))
         window = self._windows.judge(verdict)
         if window is not None:
             self._report(window[0], window[1], location, self.step, window[2])
         if (self.options.check_numerics or self.options.record_norms) and verdict.with_grad:
             self._check_numerics(opt, verdict, location)
+        self._shared = None
         self._judge_models(verdict, location)
         if self.options.mode == "strict":
             self._schedule.drain(wait=True)  # the step's results, read with one sync: raised here
@@ -269,13 +272,14 @@ class StepJudge:
         self._backward_norms.window = max(1, verdict.micro_batches)
         if not self._cadence.due(params) and not self.options.record_norms:
             return
-        grads: list[torch.Tensor] = list(map(_GRAD, params))
-        # A fused optimizer under a GradScaler steps on still-scaled gradients;
-        # the scaler leaves its scale and found-inf flag on the optimizer.
-        scale = getattr(opt, "grad_scale", None)
-        skipped = getattr(opt, "found_inf", None)
-        readback = grad_norms(grads, scale, skipped)
-        del grads  # never hold gradients past this call
+        shared, self._shared = self._shared, None
+        if shared is not None and shared[0] is params:
+            readback = shared[1]
+        else:
+            # A fused optimizer under a GradScaler steps on still-scaled gradients;
+            # the scaler leaves its scale and found-inf flag on the optimizer.
+            scale, skipped = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+            readback = grad_norms(params, scale, skipped)
         if readback is None:
             return
         step = self.step
@@ -290,6 +294,13 @@ class StepJudge:
         self._schedule.defer(readback, params, resolve)
         if tamed and raw is not None and self.options.check_numerics:
             self._check_raw(raw, step, location)
+
+    def _norms_of(self, opt: torch.optim.Optimizer, params: Params) -> Readback | None:
+        """Queue the norm pass over ``params``' gradients; the step's numeric checks reuse it."""
+        scale, skipped = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+        readback = grad_norms(params, scale, skipped)
+        self._shared = (params, readback)
+        return readback
 
     def _check_raw(
         self,

@@ -13,6 +13,9 @@ decides GG101-GG103.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import operator
 import weakref
 from collections.abc import Callable
 from typing import Literal
@@ -20,7 +23,7 @@ from typing import Literal
 import torch
 
 from gradguard._checks import StepVerdict
-from gradguard._health import FiniteProbe, zero_flags
+from gradguard._health import FiniteProbe, Readback, zero_flags
 from gradguard._naming import Place
 from gradguard._schedule import AFTER_PENDING, Schedule
 from gradguard._tracker import Slot
@@ -29,6 +32,8 @@ Params = list[torch.Tensor]
 Entries = list[tuple[torch.Tensor, Slot]]
 Report = Callable[[str, Params, Place, int, str], None]
 """Reports a code for some parameters, at a place and step, with a detail."""
+StepNorms = Callable[[Params], "Readback | None"]
+"""Queues the step's norm pass over these parameters, shared with the numeric checks."""
 
 USED = "used"
 """Content written by hand: the parameter counts as used (GG301), no finding."""
@@ -93,6 +98,13 @@ _AT_STEP = [(name, rule.now) for name, rule in RULES.items() if rule.now is not 
 _STALE_LISTS = [n for n, r in RULES.items() if "GG101" in (r.now, r.content)]
 
 
+def _flag(norm: float) -> float:
+    """A gradient's norm as the zero check's flag: 1.0 zero, 0.0 content, NaN non-finite."""
+    if norm == 0:
+        return 1.0
+    return 0.0 if math.isfinite(norm) else math.nan
+
+
 class _Stale:
     """GG101's parameters for one step, from every rule that names them.
 
@@ -130,6 +142,8 @@ class _Asked:
     stale: _Stale
     nothing_else: bool  # nothing but zeros could be left for the step to apply
     probed: bool = False  # the finite probe's reading is the last value
+    from_norms: bool = False  # the values are the step's gradient norms, not zero flags
+    finite: float | None = None  # what the finite probe read, once known
 
 
 class Lifecycle:
@@ -176,8 +190,15 @@ class Lifecycle:
         self._unwatched = not any(p.grad is not None for p, _ in entries if p.requires_grad)
         return self._unwatched
 
-    def judge(self, verdict: StepVerdict, location: Place, step: int) -> None:
-        """GG101-GG103: was this step's gradient made, kept and cleared at the right time."""
+    def judge(
+        self, verdict: StepVerdict, location: Place, step: int, norms: StepNorms | None = None
+    ) -> None:
+        """GG101-GG103: was this step's gradient made, kept and cleared at the right time.
+
+        ``norms`` queues the norm pass the numeric checks take at this step:
+        when the zero check asks about exactly the gradients it norms (a
+        clipped step), a norm of zero answers it, and one pass serves both.
+        """
         if self._held_empty is not None:
             self.report_held_empty(verdict.cleared)
         if verdict.usual:
@@ -207,7 +228,7 @@ class Lifecycle:
                 params = [p for p in params if id(p) in pending]
             asked.lists.append((rule, params))
             asked.count += len(params)
-        judged = self._ask(asked, probe)
+        judged = self._ask(asked, probe, verdict.with_grad, norms)
         if verdict.changed and not judged and not self._strict:
             # Its answer comes after this step: arm the probe now rather than then, so
             # the next backward's reading is there to tell a clear from nan_to_num_.
@@ -290,7 +311,13 @@ class Lifecycle:
         elif stale.refs:
             self._report("GG101", stale.params(self._order()), location, step, "")
 
-    def _ask(self, asked: _Asked, probe: tuple[int | None, torch.Tensor | None]) -> bool:
+    def _ask(
+        self,
+        asked: _Asked,
+        probe: tuple[int | None, torch.Tensor | None],
+        normed: Params,
+        norms: StepNorms | None,
+    ) -> bool:
         """Ask the device which asked gradients are all zeros; judge by `RULES` once known.
 
         Non-finite gradients are neither zeros nor content (GG201's business:
@@ -305,10 +332,21 @@ class Lifecycle:
         key, reading = probe
         gg102 = [p for rule, ps in asked.lists if rule.zeros == "GG102" for p in ps]
         extra = reading if reading is not None and any(id(p) == key for p in gg102) else None
-        asked.probed = extra is not None
-        grads = [p.grad for p in params if p.grad is not None]
-        readback = zero_flags(grads, extra) if len(grads) == len(params) else None
-        del grads  # never hold gradients past this call
+        asked.from_norms = (
+            norms is not None
+            and len(params) == len(normed)
+            and all(map(operator.is_, params, normed))
+        )
+        if asked.from_norms and norms is not None:
+            if extra is not None:  # read on its own, judged just before the norms
+                done = functools.partial(self._probed, asked)
+                self._schedule.defer(Readback(extra.reshape(1)), [], done)
+            readback = norms(normed)
+        else:
+            asked.probed = extra is not None
+            grads = [p.grad for p in params if p.grad is not None]
+            readback = zero_flags(grads, extra) if len(grads) == len(params) else None
+            del grads  # never hold gradients past this call
         if readback is None:
             return True
         if self._schedule.defer(readback, params, lambda v, a: self._answered(asked, v, a)):
@@ -317,12 +355,20 @@ class Lifecycle:
             self.pending[id(p)] = asked.step
         return False
 
+    @staticmethod
+    def _probed(asked: _Asked, values: list[float], _alive: list[torch.Tensor | None]) -> None:
+        asked.finite = values[0]
+
     def _answered(
         self, asked: _Asked, values: list[float], alive: list[torch.Tensor | None]
     ) -> None:
         """The zero check answered (1.0 zero, 0.0 content, NaN non-finite): apply `RULES`."""
         step = asked.step
-        finite = values[asked.count] if asked.probed else None
+        if asked.from_norms:  # a norm of zero is all zeros; a non-finite one, neither
+            values = [_flag(v) for v in values[: asked.count]]
+        elif asked.probed:
+            asked.finite = values[asked.count]
+        finite = asked.finite
         for p, flag in zip(alive, values, strict=False):
             if p is None:
                 continue
