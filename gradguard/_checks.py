@@ -58,6 +58,9 @@ class StepVerdict:
             since, on nothing applied before, and no frozen one holds a
             gradient (`usual_step`): nothing but ``fresh`` to judge. Its
             parameters and slots, trainable then frozen; ``None`` otherwise.
+        rescaled: the same, but for gradients changed in place since backward
+            (``changed``: a clip, or a clear no wrapper sees); the step is
+            judged by `RULES` like any other, only sorted at C speed.
     """
 
     stale: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -77,6 +80,7 @@ class StepVerdict:
     lost_micro_batches: int = 0
     micro_batches: int = 0
     usual: Split | None = None
+    rescaled: Split | None = None
 
     @property
     def nothing_to_apply(self) -> bool:
@@ -103,15 +107,17 @@ def judge_step(
     """
     usual = usual_step(params, slots)
     if usual is not None:  # decided at C speed
-        parts, micro = usual
+        parts, micro, changed = usual
         applied = list(parts[0])
         return StepVerdict(
+            changed=changed,
             any_fresh=True,
             trainable=True,
             fresh=applied,
             with_grad=applied[:],
             micro_batches=micro,
-            usual=parts,
+            usual=None if changed else parts,
+            rescaled=parts if changed else None,
         )
     verdict = StepVerdict()
     # This runs per parameter at every step: the usual case is decided

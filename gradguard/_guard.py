@@ -313,7 +313,7 @@ class Guard:
             # Nothing new to apply yet: the step may make its own gradients
             # (GSAM's set_closure, any optimizer holding its closure).
             return True
-        self._usual = verdict.usual
+        self._usual = verdict.usual if verdict.usual is not None else verdict.rescaled
         self._judge_step(opt, entries, verdict)
         return False
 

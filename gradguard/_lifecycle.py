@@ -18,6 +18,7 @@ import math
 import operator
 import weakref
 from collections.abc import Callable
+from itertools import compress, repeat
 from typing import Literal
 
 import torch
@@ -96,13 +97,6 @@ RULES: dict[str, Rule] = {
 _ASKED = [(name, rule) for name, rule in RULES.items() if rule.ask != "never"]
 _AT_STEP = [(name, rule.now) for name, rule in RULES.items() if rule.now is not None]
 _STALE_LISTS = [n for n, r in RULES.items() if "GG101" in (r.now, r.content)]
-
-
-def _flag(norm: float) -> float:
-    """A gradient's norm as the zero check's flag: 1.0 zero, 0.0 content, NaN non-finite."""
-    if norm == 0:
-        return 1.0
-    return 0.0 if math.isfinite(norm) else math.nan
 
 
 class _Stale:
@@ -364,17 +358,18 @@ class Lifecycle:
     ) -> None:
         """The zero check answered (1.0 zero, 0.0 content, NaN non-finite): apply `RULES`."""
         step = asked.step
-        if asked.from_norms:  # a norm of zero is all zeros; a non-finite one, neither
-            values = [_flag(v) for v in values[: asked.count]]
+        if asked.from_norms:  # a norm of zero is all zeros; a non-finite one (v - v), neither
+            values = [1.0 if v == 0 else 0.0 if v - v == 0 else math.nan for v in values]
         elif asked.probed:
             asked.finite = values[asked.count]
         finite = asked.finite
-        for p, flag in zip(alive, values, strict=False):
-            if p is None:
-                continue
-            if self.pending.get(id(p)) == step:
-                del self.pending[id(p)]
-            if flag == 1:
+        values = values[: asked.count]
+        if self.pending:
+            for p in alive:
+                if p is not None and self.pending.get(id(p)) == step:
+                    del self.pending[id(p)]
+        for p in compress(alive, map(operator.eq, values, repeat(1.0))):
+            if p is not None:
                 self._learn_zeros(p, step)
         unseen_clear: Params = []
         applies_nothing = asked.nothing_else
@@ -384,14 +379,20 @@ class Lifecycle:
             end = start + len(params)
             flags, here = values[start:end], alive[start:end]
             start = end
-            zeros = [p for p, z in zip(here, flags, strict=True) if z == 1 and p is not None]
-            content = [p for p, z in zip(here, flags, strict=True) if z == 0 and p is not None]
-            every = len(zeros) == len(params)
-            if rule.zeros == "GG102" and zeros and (every or not rule.whole):
-                unseen_clear += zeros
-            elif rule.zeros == "GG103" and params:
+            if not params:
+                continue
+            zero = list(map(operator.eq, flags, repeat(1.0)))
+            every = all(zero) and all(map(operator.is_not, here, repeat(None)))
+            if rule.zeros == "GG102" and any(zero) and (every or not rule.whole):
+                unseen_clear += [p for p in compress(here, zero) if p is not None]
+            elif rule.zeros == "GG103":
                 nothing_asked = False
                 applies_nothing = applies_nothing and every
+            if rule.content is None:
+                continue
+            content = [
+                p for p in compress(here, map(operator.eq, flags, repeat(0.0))) if p is not None
+            ]
             if rule.content == "GG101":
                 asked.stale.add([p for p in content if not self._was_zeros(p, asked.pending)])
             elif rule.content == USED:

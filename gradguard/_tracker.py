@@ -65,6 +65,7 @@ _HANDLE = operator.attrgetter("handle")
 _USED = operator.attrgetter("used")
 _PARAM_VERSION = operator.attrgetter("param_version")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_LAYOUT = operator.attrgetter("layout")
 _DEREF = weakref.ref.__call__
 
 ErrorHandler = Callable[[BaseException], None]
@@ -148,7 +149,8 @@ class _Backward:
         self.shared: dict[tuple[int, int], bool] = {}
 
 
-_BACKWARDS: dict[int, _Backward] = keep("backward passes", {})
+# Bounded (see `_backward`): passes that raised, or ran compiled, never ran their callbacks.
+_BACKWARDS: dict[int, _Backward] = keep("backward passes", {}, cache=True)
 # Verdicts for hooks that run outside any graph task we can attach to.
 _LOOSE = _Backward()
 
@@ -623,17 +625,38 @@ def untouched(params: list[torch.Tensor], slots: list[Slot]) -> bool:
     )
 
 
+def rescaled(params: list[torch.Tensor], slots: list[Slot]) -> list[torch.Tensor] | None:
+    """The parameters whose gradient, the very object its slot last saw, was changed in
+    place since (a clip rescales them all); ``None`` when any gradient was replaced or is
+    not a plain dense tensor (at C speed)."""
+    refs = list(map(_REF, slots))
+    if None in refs:
+        return None
+    grads = list(map(_GRAD, params))
+    if not (
+        all(map(operator.is_, grads, map(_DEREF, refs)))
+        and all(map(operator.is_, map(type, grads), repeat(_TENSOR)))
+        and all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided)))
+    ):
+        return None
+    return list(compress(params, map(operator.ne, map(_VERSION, grads), map(_SEEN_VERSION, slots))))
+
+
 Split = tuple[list[torch.Tensor], list[Slot], list[torch.Tensor], list[Slot]]
 """A step's trainable parameters and their slots, then the frozen ones and theirs."""
 
 
-def usual_step(params: list[torch.Tensor], slots: list[Slot]) -> tuple[Split, int] | None:
-    """A usual step's parameters and the backward passes of its window (at C speed).
+def usual_step(
+    params: list[torch.Tensor], slots: list[Slot]
+) -> tuple[Split, int, list[torch.Tensor]] | None:
+    """A usual step's parameters, the backward passes of its window, and those changed in
+    place since backward (at C speed).
 
-    Usual: every trainable parameter holds the gradient backward left,
-    untouched since, on nothing a step applied, with no backward result lost,
-    and every frozen one holds no gradient (what freezing asks for: they take
-    no part). ``None`` for any other step.
+    Usual: every trainable parameter holds the gradient backward left, on
+    nothing a step applied, with no backward result lost, and every frozen
+    one holds no gradient (what freezing asks for: they take no part). The
+    gradients are untouched since, or (a clipped step) the same objects
+    changed in place: those are the third part. ``None`` for any other step.
     """
     trainable = list(map(_REQUIRES_GRAD, params))
     if all(trainable):
@@ -647,14 +670,12 @@ def usual_step(params: list[torch.Tensor], slots: list[Slot]) -> tuple[Split, in
         parts = (trained, trained_slots, frozen_params, list(compress(slots, frozen)))
     trained, trained_slots = parts[0], parts[1]
     fresh = list(map(_FRESH, trained_slots))
-    usual = (
-        bool(fresh)
-        and 0 not in fresh
-        and not any(map(_STALE, trained_slots))
-        and not any(map(_LOST, trained_slots))
-        and untouched(trained, trained_slots)
-    )
-    return (parts, max(fresh)) if usual else None
+    if not fresh or 0 in fresh or any(map(_STALE, trained_slots)) or any(map(_LOST, trained_slots)):
+        return None
+    if untouched(trained, trained_slots):
+        return parts, max(fresh), []
+    changed = rescaled(trained, trained_slots)
+    return None if changed is None else (parts, max(fresh), changed)
 
 
 def _inert(frozen: list[torch.Tensor], slots: list[Slot]) -> bool:
@@ -680,13 +701,24 @@ def mark_applied(
     the parts of a step judged usual (`usual_step`), recorded inline if
     nothing changed since.
     """
-    if usual is not None and 0 not in map(_FRESH, usual[1]) and untouched(usual[0], usual[1]):
+    if usual is not None and 0 not in map(_FRESH, usual[1]):
         frozen, frozen_slots = usual[2], usual[3]
-        if not frozen or _inert(frozen, frozen_slots):
-            # Fresh slots have nothing discarded, and within a step judged usual
-            # none turns stale or loses a result: only these change.
+        inert = not frozen or _inert(frozen, frozen_slots)
+        # Fresh slots have nothing discarded, and within a step judged usual
+        # none turns stale or loses a result: only these change.
+        if inert and untouched(usual[0], usual[1]):
             for slot, version in zip(usual[1], map(_VERSION, usual[0]), strict=True):
                 slot.fresh, slot.applied, slot.param_version = 0, True, version
+            return
+        if inert and rescaled(usual[0], usual[1]) is not None:
+            # Clipped: what was changed in place since is content, unless the
+            # device finds zeros (the zero check un-applies those).
+            for param, slot in zip(usual[0], usual[1], strict=True):
+                version = param.grad._version  # type: ignore[union-attr]
+                if version != slot.version:
+                    slot.used = True
+                    slot.version = version
+                slot.fresh, slot.applied, slot.param_version = 0, True, param._version
             return
     for param, slot in entries:
         grad = param.grad
