@@ -177,8 +177,8 @@ def test_importing_the_testing_helpers_does_not_import_torch() -> None:
     assert proc.stdout.split() == ["GG102", "GG102"]
 
 
-# It takes longer to import than all of gradguard without it.
-_HEAVY = ("torch",)
+# Each takes longer to import than all of gradguard without them.
+_HEAVY = ("torch", "structlog")
 _NONE_HEAVY = "heavy imports: none"
 
 
@@ -211,7 +211,7 @@ def _cli(*args: str) -> str:
     ids=["help", "version", "run-help"],
 )
 def test_the_commands_help_does_not_import_torch(args: list[str], answer: str) -> None:
-    """``gradguard --help``, ``--version`` and ``run --help`` answer without importing torch."""
+    """``gradguard --help``, ``--version`` and ``run --help`` answer without torch or structlog."""
     proc = _python(_cli(*args))
     assert proc.returncode == 0, proc.stderr
     assert answer in proc.stdout
@@ -278,6 +278,36 @@ def test_reporting_on_a_log_does_not_import_torch(tmp_path: Path, plot: bool) ->
     assert "GG102  cleared-before-step" in proc.stdout
     assert proc.stdout.splitlines()[-1] == _NONE_HEAVY
     assert picture.exists() == plot
+
+
+def test_structlog_is_imported_only_to_log_an_event() -> None:
+    """A finding shown as a warning leaves structlog out; one in log mode is logged through it."""
+    proc = _python(
+        "import sys, warnings, torch, gradguard\n"
+        "def buggy(mode):\n"
+        "    model = torch.nn.Linear(2, 1)\n"
+        "    opt = gradguard.guard(torch.optim.SGD(model.parameters(), lr=0.1), mode=mode)\n"
+        "    model(torch.ones(1, 2)).sum().backward()\n"
+        "    opt.zero_grad()\n"
+        "    opt.step()\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    buggy('warn')\n"
+        "ours = [w.category for w in seen if issubclass(w.category, gradguard.GradGuardWarning)]\n"
+        "print(*[category.__name__ for category in ours])\n"
+        f"{_heavy_imports()}"
+        "buggy('log')\n"
+        f"{_heavy_imports()}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "ClearedBeforeStepWarning",
+        "heavy imports: torch",
+        "heavy imports: torch structlog",
+    ]
+    logged = [line for line in proc.stderr.splitlines() if "cleared-before-step" in line]
+    assert len(logged) == 1, proc.stderr
+    assert "GG102" in logged[0]
 
 
 def test_every_public_name_is_in_all_and_dir() -> None:
