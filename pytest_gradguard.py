@@ -84,7 +84,7 @@ def _validate_mode(value: object, where: str) -> str:
     """``value`` as a mode; a bad one gets the error gradguard gives it anywhere."""
     if isinstance(value, str) and value.strip().lower() in MODES:
         return value.strip().lower()
-    from gradguard._session import parse_setting  # only a bad value pays for the import
+    from gradguard._config import parse_setting  # only a bad value pays; torch stays out
 
     return _canonical(parse_setting, value, where)
 

@@ -1,4 +1,8 @@
-"""Guard options, validated where they are passed."""
+"""Guard options and a run's mode setting, validated where they are passed.
+
+Torch-free, so that ``gradguard run --help`` and a bad mode given to the
+pytest plugin are answered without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,28 @@ import math
 import numbers
 import threading
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, cast
 
-from gradguard._dispatch import Mode, validate_codes, validate_mode
+from gradguard._dispatch import MODES, Mode, validate_choice, validate_codes, validate_mode
 from gradguard._process import keep
+
+Setting = Literal["warn", "strict", "log", "off"]
+"""What a run, `gradguard.install` or the pytest plugin is told: a mode, or ``"off"``."""
+SETTINGS: tuple[Setting, ...] = (*MODES, "off")
+
+
+def validate_setting(value: object, source: str = "mode") -> Setting:
+    """Return ``value`` if it is a mode or ``"off"``, else raise naming ``source``."""
+    return cast(Setting, validate_choice(value, SETTINGS, source))
+
+
+def parse_setting(text: object, source: str) -> Setting:
+    """A mode or ``"off"`` typed by a person (a flag, ``GRADGUARD``, an ini value).
+
+    Case and surrounding spaces do not matter; the error shows ``text`` as given.
+    """
+    value = text.strip().lower() if isinstance(text, str) else text
+    return validate_setting(value if value in SETTINGS else text, source)
 
 
 @dataclasses.dataclass(frozen=True)

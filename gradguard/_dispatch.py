@@ -5,13 +5,12 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import sys
 import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, cast
-
-import structlog
 
 from gradguard._exceptions import ERRORS, WARNINGS, GradGuardInternalError, GradGuardWarning
 from gradguard._findings import CATALOGUE, Finding
@@ -22,8 +21,6 @@ from gradguard._tally import SummaryRow, Tally
 
 Mode = Literal["warn", "strict", "log"]
 MODES: tuple[Mode, ...] = ("warn", "strict", "log")
-
-_logger = structlog.get_logger("gradguard")
 
 Sink = Callable[[Finding, bool], None]
 """Receives ``(finding, first)`` for every finding any guard reports; ``first`` is
@@ -241,7 +238,7 @@ def emit_event(finding: Finding, *, console: bool) -> None:
     to the user's program), unless ``console`` is false because a Python
     warning already shows it.
     """
-    if not structlog.is_configured() and not console:
+    if not console and not _configured():
         return
     fields = {
         "code": finding.code,
@@ -275,9 +272,9 @@ def _send(method: str, event: str, fields: dict[str, Any], plain: str | None = N
     to lose the event: it goes to stderr as one ``plain`` line (by default
     the event and its fields), and the failure is said once per pipeline.
     """
-    if structlog.is_configured():
+    if _configured():
         try:
-            getattr(_logger, method)(event, **fields)
+            getattr(_pipeline_logger(), method)(event, **fields)
         except Exception as exc:
             _pipeline_failed(exc, event)
             say(plain if plain is not None else _plain(event, fields))
@@ -286,6 +283,26 @@ def _send(method: str, event: str, fields: dict[str, Any], plain: str | None = N
         getattr(_console(), method)(event, **fields)
     except Exception:  # gradguard's own console cannot render it: the plain line, then
         say(plain if plain is not None else _plain(event, fields))
+
+
+def _configured() -> bool:
+    """Whether the user configured structlog, found out without importing it.
+
+    A process that never imported structlog has not configured it. structlog
+    takes longer to import than the rest of gradguard, so it is imported only
+    to send an event: ``gradguard --help`` and ``report`` never import it, and
+    neither does a finding that Python shows as a warning.
+    """
+    structlog = sys.modules.get("structlog")
+    return structlog is not None and bool(structlog.is_configured())
+
+
+@functools.cache
+def _pipeline_logger() -> Any:
+    """gradguard's logger in the user's structlog pipeline, made at the first event sent there."""
+    import structlog
+
+    return structlog.get_logger("gradguard")
 
 
 def _plain(event: str, fields: dict[str, Any]) -> str:
@@ -300,6 +317,8 @@ _FAILED_LOCK = threading.Lock()
 
 def _pipeline_failed(exc: Exception, event: str) -> None:
     """Say once per structlog configuration that it raised, and where."""
+    import structlog  # imported already: the user configured it
+
     config = structlog.get_config()
     pipeline = [config["processors"], config["logger_factory"], config["wrapper_class"]]
     with _FAILED_LOCK:
@@ -341,6 +360,8 @@ def _log() -> _Logger:
 @functools.cache
 def _console() -> Any:
     """The stderr console logger used while structlog is not configured."""
+    import structlog  # here, at the first event logged: a run with none never imports it
+
     return structlog.wrap_logger(
         _StderrLogger(),
         processors=[

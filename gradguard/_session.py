@@ -19,22 +19,20 @@ import os
 import sys
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradguard import _children
 from gradguard._children import ChildLog, Follow
 from gradguard._compiled import untraced
-from gradguard._config import activate, deactivate, validate_bool
+from gradguard._config import activate, deactivate, validate_bool, validate_setting
 from gradguard._dispatch import (
-    MODES,
     Mode,
     SinkHandle,
     _log,
     add_record_sink,
     add_sink,
-    validate_choice,
     validate_codes,
 )
 from gradguard._findings import Finding
@@ -51,9 +49,6 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
     from gradguard._guard import Guard
-
-Setting = Literal["warn", "strict", "log", "off"]
-SETTINGS: tuple[Setting, ...] = (*MODES, "off")
 
 
 class _Sessions:
@@ -78,20 +73,6 @@ class _Sessions:
 
 
 _SESSIONS = keep("sessions", _Sessions())
-
-
-def validate_setting(value: object, source: str = "mode") -> Setting:
-    """Return ``value`` if it is a mode or ``"off"``, else raise naming ``source``."""
-    return cast(Setting, validate_choice(value, SETTINGS, source))
-
-
-def parse_setting(text: object, source: str) -> Setting:
-    """A mode or ``"off"`` typed by a person (a flag, ``GRADGUARD``, an ini value).
-
-    Case and surrounding spaces do not matter; the error shows ``text`` as given.
-    """
-    value = text.strip().lower() if isinstance(text, str) else text
-    return validate_setting(value if value in SETTINGS else text, source)
 
 
 class Session:

@@ -10,8 +10,9 @@ run exit 1.
 ``gradguard report``: the summary table of one or more JSON-lines logs, and
 optionally the gradient timeline as a picture.
 
-Only ``run`` imports torch (through `gradguard._session`): ``gradguard --help``
-and ``gradguard report`` start in a fraction of torch's import time.
+Only ``run`` imports torch (through `gradguard._session`), and only once its
+options are parsed: ``gradguard --help``, ``gradguard run --help`` and
+``gradguard report`` start in a fraction of torch's import time.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from importlib.machinery import SourceFileLoader
 from typing import TYPE_CHECKING, NoReturn
 
 from gradguard import _plot
+from gradguard._config import SETTINGS, parse_setting
 from gradguard._dispatch import validate_codes
 from gradguard._exceptions import ERRORS, GradGuardError
 from gradguard._jsonlog import resolve_path
@@ -80,39 +82,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
         ),
         usage="gradguard run [options] (script.py | -m module) [args ...]",
     )
-    report = sub.add_parser(
-        "report",
-        help="summarise JSON-lines logs as a table, and plot the gradient timeline",
-        description=(
-            "Print the findings of one or more gradguard JSON-lines logs (one per rank, "
-            "merged) as a table: code, name, count, first step, first location, "
-            "parameters and the fix."
-        ),
-    )
-    report.add_argument(
-        "paths",
-        nargs="+",
-        metavar="PATH",
-        help="JSON-lines logs written by --log-json; a quoted glob such as 'run-*.jsonl' works",
-    )
-    report.add_argument(
-        "--plot",
-        metavar="PNG",
-        help="also draw the gradient norms per step, with each finding marked, to this file "
-        '(needs matplotlib: pip install "gradguard[plot]")',
-    )
-    return parser, run, report
-
-
-def _add_run_options(run: argparse.ArgumentParser, settings: Sequence[str]) -> None:
-    """Add ``run``'s options to its parser.
-
-    Only ``run`` calls this: ``settings`` (`gradguard._session.SETTINGS`) comes
-    from a module that imports torch, which ``--help`` and ``report`` never need.
-    """
     run.add_argument(
         "--mode",
-        metavar="{" + ",".join(settings) + "}",
+        metavar="{" + ",".join(SETTINGS) + "}",
         help=(
             "strict: raise at the first finding; warn: a Python warning per finding "
             "(default); log: log events only; off: run without gradguard. "
@@ -139,6 +111,28 @@ def _add_run_options(run: argparse.ArgumentParser, settings: Sequence[str]) -> N
     run.add_argument("-m", dest="module", metavar="module", help="run a library module as a script")
     run.add_argument("script", nargs="?", help="the script to run")
     run.add_argument("args", nargs="*", help="the script's own arguments")
+    report = sub.add_parser(
+        "report",
+        help="summarise JSON-lines logs as a table, and plot the gradient timeline",
+        description=(
+            "Print the findings of one or more gradguard JSON-lines logs (one per rank, "
+            "merged) as a table: code, name, count, first step, first location, "
+            "parameters and the fix."
+        ),
+    )
+    report.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="JSON-lines logs written by --log-json; a quoted glob such as 'run-*.jsonl' works",
+    )
+    report.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw the gradient norms per step, with each finding marked, to this file "
+        '(needs matplotlib: pip install "gradguard[plot]")',
+    )
+    return parser, run, report
 
 
 def _split(tokens: list[str]) -> tuple[list[str], str | None, str | None, list[str]]:
@@ -180,16 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args(tokens)  # --help, --version, or a usage error
         parser.print_usage(sys.stderr)
         return 2
-    from gradguard._session import SETTINGS, Session, leave_parent_run, parse_setting
-
-    _add_run_options(run_parser, SETTINGS)
     option_tokens, script, module, rest = _split(tokens[1:])
     opts = run_parser.parse_args(option_tokens)
     if script is None and module is None:
         run_parser.error("give a script to run, or -m module")
-    # A run started inside a followed process is a run of its own.
-    leave_parent_run()
-
     env = os.environ.get(ENV_VAR, "")
     try:
         if opts.mode is not None:
@@ -197,14 +185,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             source = f"the {ENV_VAR} environment variable"
             mode = parse_setting(env, source) if env.strip() else "warn"
-    except (TypeError, ValueError) as exc:
-        run_parser.error(str(exc))
-    try:
         codes = validate_codes(opts.ignore, "--ignore")
         if opts.log_json is not None:
             resolve_path(opts.log_json, "--log-json")
         elif opts.record_norms:
             raise ValueError("--record-norms needs --log-json PATH: the norms go to that file")
+    except (TypeError, ValueError) as exc:
+        run_parser.error(str(exc))
+
+    # --help and the usage errors, all but a log file that cannot be created,
+    # have exited by now: they never wait for torch to import.
+    from gradguard._session import Session, leave_parent_run
+
+    # A run started inside a followed process is a run of its own.
+    leave_parent_run()
+    try:
         session = (
             None
             if mode == "off"

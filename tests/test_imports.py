@@ -18,11 +18,11 @@ PACKAGE = ROOT / "gradguard"
 _DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
-def _python(code: str) -> subprocess.CompletedProcess[str]:
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter that imports gradguard from this checkout."""
     return subprocess.run(
         [sys.executable, "-c", code],
-        env=child_env(),
+        env={**child_env(), **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -177,8 +177,18 @@ def test_importing_the_testing_helpers_does_not_import_torch() -> None:
     assert proc.stdout.split() == ["GG102", "GG102"]
 
 
+# Each takes longer to import than all of gradguard without them.
+_HEAVY = ("torch", "structlog")
+_NONE_HEAVY = "heavy imports: none"
+
+
+def _heavy_imports() -> str:
+    """Code printing which of `_HEAVY` the program has imported: `_NONE_HEAVY` for none."""
+    return f"print('heavy imports:', *[m for m in {_HEAVY!r} if m in sys.modules] or ['none'])\n"
+
+
 def _cli(*args: str) -> str:
-    """A program that runs the ``gradguard`` command with ``args`` and says if torch came in."""
+    """A program that runs the ``gradguard`` command with ``args`` and says what it imported."""
     return (
         "import sys\n"
         "from gradguard.cli import main\n"
@@ -186,22 +196,69 @@ def _cli(*args: str) -> str:
         f"    status = main({list(args)!r})\n"
         "except SystemExit as exc:\n"
         "    status = exc.code\n"
-        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+        f"{_heavy_imports()}"
         "sys.exit(status)\n"
     )
 
 
 @pytest.mark.parametrize(
-    ("flag", "answer"),
-    [("--help", "summarise JSON-lines logs"), ("--version", gradguard.__version__)],
-    ids=["help", "version"],
+    ("args", "answer"),
+    [
+        (["--help"], "summarise JSON-lines logs"),
+        (["--version"], gradguard.__version__),
+        (["run", "--help"], "--mode {warn,strict,log,off}"),
+    ],
+    ids=["help", "version", "run-help"],
 )
-def test_the_commands_help_does_not_import_torch(flag: str, answer: str) -> None:
-    """``gradguard --help`` and ``--version`` answer without importing torch."""
-    proc = _python(_cli(flag))
+def test_the_commands_help_does_not_import_torch(args: list[str], answer: str) -> None:
+    """``gradguard --help``, ``--version`` and ``run --help`` answer without torch or structlog."""
+    proc = _python(_cli(*args))
     assert proc.returncode == 0, proc.stderr
     assert answer in proc.stdout
-    assert proc.stdout.splitlines()[-1] == "no torch"
+    assert proc.stdout.splitlines()[-1] == _NONE_HEAVY
+
+
+RUN_USAGE_ERRORS: list[tuple[list[str], dict[str, str], str]] = [
+    (["run"], {}, "give a script to run, or -m module"),
+    (["run", "--mode", "loud", "t.py"], {}, "--mode must be one of warn, strict, log, off"),
+    (["run", "t.py"], {"GRADGUARD": "loud"}, "the GRADGUARD environment variable must be one of"),
+    (["run", "--ignore", "GG999", "t.py"], {}, "--ignore names unknown finding code 'GG999'"),
+    (["run", "--record-norms", "t.py"], {}, "--record-norms needs --log-json PATH"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "error"),
+    RUN_USAGE_ERRORS,
+    ids=[" ".join(a + [f"{k}={v}" for k, v in e.items()]) for a, e, _ in RUN_USAGE_ERRORS],
+)
+def test_a_usage_error_of_run_is_reported_without_importing_torch(
+    args: list[str], env: dict[str, str], error: str
+) -> None:
+    """``gradguard run`` with a bad argument exits 2 naming it, before torch is imported."""
+    proc = _python(_cli(*args), **env)
+    assert proc.returncode == 2, proc.stderr
+    assert error in proc.stderr
+    assert proc.stdout.splitlines()[-1] == _NONE_HEAVY
+
+
+def test_a_bad_gradguard_option_is_reported_without_importing_torch(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pytest --gradguard=loud`` is a usage error naming the option, and torch stays out."""
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
+    monkeypatch.delenv("GRADGUARD", raising=False)
+    # Only gradguard's plugin: another one that imports torch must not decide this test.
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    args = ["-p", "pytest_gradguard", "-p", "no:cacheprovider", "--gradguard=loud"]
+    result = pytester.runpython_c(
+        f"import sys, pytest\nstatus = pytest.main({args!r})\n{_heavy_imports()}"
+        "sys.exit(int(status))\n"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ERROR: gradguard: the --gradguard option must be one of" in result.stderr.str()
+    assert result.outlines[-1] == _NONE_HEAVY
 
 
 @pytest.mark.parametrize("plot", [False, True], ids=["table", "plot"])
@@ -219,8 +276,38 @@ def test_reporting_on_a_log_does_not_import_torch(tmp_path: Path, plot: bool) ->
     proc = _python(_cli(*args))
     assert proc.returncode == 0, proc.stderr
     assert "GG102  cleared-before-step" in proc.stdout
-    assert proc.stdout.splitlines()[-1] == "no torch"
+    assert proc.stdout.splitlines()[-1] == _NONE_HEAVY
     assert picture.exists() == plot
+
+
+def test_structlog_is_imported_only_to_log_an_event() -> None:
+    """A finding shown as a warning leaves structlog out; one in log mode is logged through it."""
+    proc = _python(
+        "import sys, warnings, torch, gradguard\n"
+        "def buggy(mode):\n"
+        "    model = torch.nn.Linear(2, 1)\n"
+        "    opt = gradguard.guard(torch.optim.SGD(model.parameters(), lr=0.1), mode=mode)\n"
+        "    model(torch.ones(1, 2)).sum().backward()\n"
+        "    opt.zero_grad()\n"
+        "    opt.step()\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    buggy('warn')\n"
+        "ours = [w.category for w in seen if issubclass(w.category, gradguard.GradGuardWarning)]\n"
+        "print(*[category.__name__ for category in ours])\n"
+        f"{_heavy_imports()}"
+        "buggy('log')\n"
+        f"{_heavy_imports()}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "ClearedBeforeStepWarning",
+        "heavy imports: torch",
+        "heavy imports: torch structlog",
+    ]
+    logged = [line for line in proc.stderr.splitlines() if "cleared-before-step" in line]
+    assert len(logged) == 1, proc.stderr
+    assert "GG102" in logged[0]
 
 
 def test_every_public_name_is_in_all_and_dir() -> None:
