@@ -271,7 +271,9 @@ LINES_PER_TENSOR = 15
 CALLS_PER_STEP = 40
 
 
-def python_work(tensors: int, steps: int = 3, frozen: int = 0) -> tuple[float, float]:
+def python_work(
+    tensors: int, steps: int = 3, frozen: int = 0, loop: Loop = correct
+) -> tuple[float, float]:
     """gradguard's Python calls and lines per step on the correct loop, counted by settrace.
 
     Only frames of gradguard's own files count: torch's and the loop's do not.
@@ -300,7 +302,7 @@ def python_work(tensors: int, steps: int = 3, frozen: int = 0) -> tuple[float, f
         sys.settrace(tracer)
         try:
             for _ in range(steps):
-                correct(model, opt, x)
+                loop(model, opt, x)
         finally:
             sys.settrace(None)
         assert g.findings == []
@@ -317,6 +319,19 @@ def test_python_work_per_step_stays_within_budget(device_results):
     assert lines_per_tensor <= LINES_PER_TENSOR
     if device_results == "eager":  # later results add a queue and the step's location
         assert small_calls - 10 * calls_per_tensor <= CALLS_PER_STEP
+
+
+# A loop that clips: its zero check's answer is judged per tensor too.
+CLIPPED_LINES_PER_TENSOR = 25
+
+
+def test_a_clipped_step_costs_one_call_per_tensor():
+    """A clipped step (the Trainer's, nanoGPT's) is sorted at C speed too: one call and at
+    most 25 lines per tensor, the post-accumulate hook and the zero check's answer."""
+    small_calls, small_lines = python_work(10, loop=clipped)
+    large_calls, large_lines = python_work(210, loop=clipped)
+    assert (large_calls - small_calls) / 200 <= CALLS_PER_TENSOR
+    assert (large_lines - small_lines) / 200 <= CLIPPED_LINES_PER_TENSOR
 
 
 def test_frozen_parameters_cost_almost_no_python_work():
