@@ -321,17 +321,21 @@ def test_python_work_per_step_stays_within_budget(device_results):
         assert small_calls - 10 * calls_per_tensor <= CALLS_PER_STEP
 
 
-# A loop that clips: its zero check's answer is judged per tensor too.
+# A loop that clips: its zero check's answer is judged per tensor too; an answer left
+# for a later step adds what is pending about each gradient until it comes.
 CLIPPED_LINES_PER_TENSOR = 25
+CLIPPED_LINES_PER_TENSOR_LATE = 30
 
 
-def test_a_clipped_step_costs_one_call_per_tensor():
+def test_a_clipped_step_costs_one_call_per_tensor(device_results):
     """A clipped step (the Trainer's, nanoGPT's) is sorted at C speed too: one call and at
     most 25 lines per tensor, the post-accumulate hook and the zero check's answer."""
     small_calls, small_lines = python_work(10, loop=clipped)
     large_calls, large_lines = python_work(210, loop=clipped)
     assert (large_calls - small_calls) / 200 <= CALLS_PER_TENSOR
-    assert (large_lines - small_lines) / 200 <= CLIPPED_LINES_PER_TENSOR
+    late = device_results != "eager"
+    budget = CLIPPED_LINES_PER_TENSOR_LATE if late else CLIPPED_LINES_PER_TENSOR
+    assert (large_lines - small_lines) / 200 <= budget
 
 
 def test_frozen_parameters_cost_almost_no_python_work():
