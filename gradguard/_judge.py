@@ -35,7 +35,7 @@ from gradguard._naming import Location, Place
 from gradguard._process import Flag, keep
 from gradguard._ranks import compare as compare_ranks
 from gradguard._ranks import start as start_rank_check
-from gradguard._schedule import Schedule
+from gradguard._schedule import AFTER_PENDING, Schedule
 from gradguard._sharded import is_sharded
 from gradguard._tracker import REGISTRY, Slot
 
@@ -52,6 +52,25 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _USED = operator.attrgetter("used")
 _FIRST = operator.itemgetter(0)
 _SECOND = operator.itemgetter(1)
+
+
+class _Produced:
+    """The total norm backward produced for one step: the applied one (``same``), or
+    read from where backward ended (``None`` until read, or when unknown)."""
+
+    __slots__ = ("same", "total")
+
+    def __init__(self, *, same: bool) -> None:
+        self.same = same
+        self.total: float | None = None
+
+
+def _call(ref: weakref.ref[torch.Tensor]) -> torch.Tensor | None:
+    return ref()
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 class StepJudge:
@@ -121,7 +140,7 @@ class StepJudge:
         window = self._windows.judge(verdict)
         if window is not None:
             self._report(window[0], window[1], location, self.step, window[2])
-        if (self.options.check_numerics or self.options.record_norms) and verdict.with_grad:
+        if (self.options.check_numerics and verdict.with_grad) or self.options.record_norms:
             self._check_numerics(opt, verdict, location)
         self._shared = None
         self._judge_models(verdict, location)
@@ -262,15 +281,26 @@ class StepJudge:
         every step whatever the cadence. A step whose gradients were rescaled
         in place since backward (a clip) applies a bounded update: GG202 then
         judges the norms backward left (`BackwardNorms`, armed at the first
-        such step), not the clipped ones.
+        such step), not the clipped ones; recorded, they are what backward
+        produced, next to what the step applied.
         """
         params = verdict.with_grad
+        record = self.options.record_norms
         tamed = bool(verdict.changed or verdict.stale_changed)
         raw = self._backward_norms.take() if self._backward_norms.armed else None
-        if tamed and not self._backward_norms.armed and verdict.fresh:
-            self._backward_norms.arm(verdict.fresh[0])
+        # What backward produced differs from what the step applies only on a step
+        # that is not usual (a clip, a clear): recording, norm backward's from then on.
+        unusual = tamed or (record and verdict.usual is None)
+        written = verdict.fresh or verdict.cleared or params
+        if unusual and not self._backward_norms.armed and written:
+            self._backward_norms.arm(written[0])
         self._backward_norms.window = max(1, verdict.micro_batches)
-        if not self._cadence.due(params) and not self.options.record_norms:
+        produced = self._produced(raw, verdict) if record else None
+        if not params:  # recording only: the step applies nothing
+            if produced is not None:
+                self._defer_record(produced, self.step)
+            return
+        if not self._cadence.due(params) and not record:
             return
         shared, self._shared = self._shared, None
         if shared is not None and shared[0] is params:
@@ -286,8 +316,8 @@ class StepJudge:
 
         def resolve(values: list[float], params: list[torch.Tensor | None]) -> None:
             *norms, skip = values
-            if self.options.record_norms and not skip:
-                self._record_norms(params, norms, step)  # first: a strict finding raises
+            if produced is not None and not skip:
+                self._record_norms(params, norms, step, produced)  # first: a strict finding raises
             if self.options.check_numerics:
                 self._numerics(params, norms, skip != 0, step, location, explosion=not tamed)
 
@@ -356,11 +386,58 @@ class StepJudge:
             top = [params[i] for i in largest_shares(norms)]
             self._report("GG202", [p for p in top if p is not None], location, step, why)
 
+    def _produced(
+        self, raw: tuple[Readback, list[weakref.ref[torch.Tensor]]] | None, verdict: StepVerdict
+    ) -> _Produced:
+        """What backward produced for this step, for its norms record.
+
+        On a usual step the very gradients the step applies; otherwise the
+        norms `BackwardNorms` took where backward ended, once they are read
+        (queued now, so they are known before the step's own norms are), or
+        unknown (the first such step, before it was armed).
+        """
+        produced = _Produced(same=verdict.usual is not None)
+        if raw is None or produced.same:
+            return produced
+        readback, refs = raw
+        alive = [p for p in map(_call, refs) if p is not None]
+
+        def resolve(values: list[float], _params: list[torch.Tensor | None]) -> None:
+            produced.total = _finite(math.hypot(*values[: len(refs)]))
+
+        self._schedule.defer(readback, alive, resolve)
+        return produced
+
+    def _defer_record(self, produced: _Produced, step: int) -> None:
+        """The norms record of a step that applies nothing, once what it produced is known."""
+
+        def resolve(_values: list[float], _params: list[torch.Tensor | None]) -> None:
+            self._record_norms([], [], step, produced)
+
+        self._schedule.defer(AFTER_PENDING, [], resolve)
+
     def _record_norms(
-        self, params: list[torch.Tensor | None], norms: list[float], step: int
+        self,
+        params: list[torch.Tensor | None],
+        norms: list[float],
+        step: int,
+        produced: _Produced,
     ) -> None:
-        """Send the step's total and per-module gradient norms to the JSON logs."""
+        """Send the step's total and per-module gradient norms to the JSON logs, and the
+        total backward produced for it."""
         if not has_record_sinks():
+            return
+        if not params:
+            emit_record(
+                {
+                    "event": "norms",
+                    "step": step,
+                    "optimizer": self._label,
+                    "total": 0.0,
+                    "produced": produced.total,
+                    "modules": {},
+                }
+            )
             return
         if self._module_norms is None or self._module_norms[0] is not self._entries:
             # A changed optimizer may reuse a freed parameter's id.
@@ -376,6 +453,7 @@ class StepJudge:
                 "step": step,
                 "optimizer": self._label,
                 "total": total,
+                "produced": total if produced.same else produced.total,
                 "modules": modules,
             }
         )

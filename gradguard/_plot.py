@@ -1,5 +1,9 @@
 """The gradient timeline: norms per step on a log scale, with each finding marked at its step.
 
+Each step shows the norm it applied and, where a clip or a clear came between,
+the norm backward produced for it: the tutorial's loop that clears between
+backward and step produces gradients and applies none.
+
 matplotlib is an optional extra (``pip install "gradguard[plot]"``); it is
 imported only here, only when a plot is asked for, and drawn off-screen.
 """
@@ -34,11 +38,13 @@ def load_pyplot() -> ModuleType | None:
 
 
 class _Series:
-    """One optimizer's norms: the total and each module's, by step."""
+    """One optimizer's norms: the total applied, backward's, and each module's, by step."""
 
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.total: list[float] = []
+        self.produced: list[float] = []
+        self.nothing: list[int] = []  # steps that applied no gradient at all
         self.modules: dict[str, dict[int, float]] = {}
 
     def add(self, rec: Record) -> None:
@@ -47,15 +53,27 @@ class _Series:
             return
         self.steps.append(step)
         self.total.append(_value(rec.get("total")))
+        self.produced.append(_value(rec.get("produced")))
+        if rec.get("total") == 0:
+            self.nothing.append(step)
         modules = rec.get("modules")
         for name, norm in (modules if isinstance(modules, dict) else {}).items():
             self.modules.setdefault(str(name), {})[step] = _value(norm)
 
     def total_at(self, step: int) -> float:
-        for s, v in zip(self.steps, self.total, strict=True):
+        """The norm the step applied; where it applied nothing, the one backward produced."""
+        for s, v, made in zip(self.steps, self.total, self.produced, strict=True):
             if s == step:
-                return v
+                return v if math.isfinite(v) else made
         return math.nan
+
+    @property
+    def differs(self) -> bool:
+        """Whether backward produced, at some step, other than what the step applied."""
+        return any(
+            a != b and (math.isfinite(a) or math.isfinite(b))
+            for a, b in zip(self.total, self.produced, strict=True)
+        )
 
 
 def _value(norm: object) -> float:
@@ -140,7 +158,31 @@ def timeline(run: Run, path: str) -> None:
 
 def _panel(ax: Any, name: str, series: _Series, findings: list[Record]) -> None:
     # The total under the modules: a module that makes up most of it stays visible.
-    ax.plot(series.steps, series.total, color="black", linewidth=2.5, label="total", zorder=2)
+    differs = series.differs  # a clip or a clear came between backward and the step
+    label = "applied by step()" if differs else "total"
+    ax.plot(series.steps, series.total, color="black", linewidth=2.5, label=label, zorder=2)
+    if differs:
+        ax.plot(
+            series.steps,
+            series.produced,
+            color="black",
+            linestyle="--",
+            linewidth=1.5,
+            label="produced by backward()",
+            zorder=2,
+        )
+    if series.nothing:  # no norm to draw on a log scale: a mark at the bottom
+        ax.plot(
+            series.nothing,
+            [0.04] * len(series.nothing),
+            transform=ax.get_xaxis_transform(),
+            linestyle="none",
+            marker="x",
+            markersize=4,
+            color="black",
+            label="step() applied nothing",
+            zorder=2,
+        )
     for i, (module, values) in enumerate(series.modules.items()):
         steps = sorted(values)
         ax.plot(
@@ -187,4 +229,4 @@ def _panel(ax: Any, name: str, series: _Series, findings: list[Record]) -> None:
     low, high = ax.get_ylim()
     if 0 < low < high:  # head room for the labels, on a log scale
         ax.set_ylim(low, high * (high / low) ** 0.2)
-    ax.legend(loc="upper left", fontsize=8, ncol=min(5, 1 + len(series.modules)))
+    ax.legend(loc="best", fontsize=8, ncol=min(5, 1 + len(series.modules)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import re
 import subprocess
 import sys
@@ -145,6 +146,31 @@ def test_pages_are_linked_from_the_readme() -> None:
     readme = Path(ROOT / "README.md").read_text(encoding="utf-8")
     for code in CATALOGUE:
         assert f"[{code}](docs/findings/{code}.md)" in readme
+
+
+def test_readme_shows_the_tutorial_timeline(tmp_path: Path, subprocess_env: dict[str, str]):
+    """The flagship demo's timeline commands, run again: every step applied nothing of what
+    backward produced, and the picture is the README's."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("$ python -m gradguard run --record-norms") :]
+    commands = [line[2:] for line in block[: block.index("```")].splitlines()]
+    for command in commands:  # writing to tmp_path instead of docs/
+        args = [a.replace("docs/", f"{tmp_path}/") for a in command.split()[1:]]
+        proc = subprocess.run(
+            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+    norms = [
+        r
+        for r in map(json.loads, (tmp_path / "tutorial.jsonl").read_text().splitlines())
+        if r.get("event") == "norms"
+    ]
+    assert {r["total"] for r in norms} == {0.0}
+    assert all(r["produced"] > 0 for r in norms[1:])
+    assert png_size((tmp_path / "tutorial_timeline.png").read_bytes()) == png_size(
+        (ROOT / "docs" / "tutorial_timeline.png").read_bytes()
+    )
+    assert "![the tutorial's gradient timeline](docs/tutorial_timeline.png)" in readme
 
 
 def test_readme_shows_the_report_of_its_own_run(

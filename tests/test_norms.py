@@ -65,10 +65,61 @@ def test_recorded_norms_match_norms_computed_independently(tmp_path: Path) -> No
     label = gradguard.guard_of(opt).optimizer
     assert {r["optimizer"] for r in norms} == {label}
     for record, want in zip(norms, expected, strict=True):
-        assert set(record) == {"event", "step", "optimizer", "total", "modules", "pid"}
+        keys = {"event", "step", "optimizer", "total", "produced", "modules", "pid"}
+        assert set(record) == keys
         assert list(record["modules"]) == ["encoder", "head"]
         got = {"total": record["total"], **record["modules"]}
         assert got == pytest.approx(want, rel=1e-5)
+        assert record["produced"] == record["total"]  # nothing came between
+
+
+def _recorded_loop(path: Path, between: str) -> list[float]:
+    """Six steps of `Net` with norms recorded and ``between`` backward and step ("clear",
+    the tutorial's bug, or "clip"); returns the norm each backward produced."""
+    gradguard.install(mode="log", log_json=path, record_norms=True)
+    torch.manual_seed(0)
+    net = Net()
+    opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=1e-2), model=net)
+    produced = []
+    for i, batch in enumerate(batches(6)):
+        if between == "clip":
+            opt.zero_grad()
+        (loss_of(net, batch) * (1 + i)).backward()
+        produced.append(_norm(net.parameters()))
+        if between == "clear":
+            opt.zero_grad()
+        else:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.01)
+        opt.step()
+    gradguard.uninstall()
+    return produced
+
+
+def test_a_clear_between_backward_and_step_records_what_backward_produced(tmp_path: Path):
+    """The tutorial's bug: each step applies nothing (total 0.0) of what backward produced.
+
+    The first step, the first not as backward left it, has no norm of backward's yet.
+    """
+    path = tmp_path / "run.jsonl"
+    produced = _recorded_loop(path, "clear")
+    norms = _records(path, "norms")
+    assert [r["step"] for r in norms] == [1, 2, 3, 4, 5, 6]
+    assert [r["total"] for r in norms] == [0.0] * 6
+    assert [r["modules"] for r in norms] == [{}] * 6
+    assert norms[0]["produced"] is None
+    got = [r["produced"] for r in norms[1:]]
+    assert got == pytest.approx(produced[1:], rel=1e-5)
+    assert [r["code"] for r in _records(path) if "code" in r] == ["GG102"]
+
+
+def test_a_clip_records_the_norm_backward_produced_before_it(tmp_path: Path):
+    """A clipped step applies the clipped norm and records backward's, taken before the clip."""
+    path = tmp_path / "run.jsonl"
+    produced = _recorded_loop(path, "clip")
+    norms = _records(path, "norms")
+    assert [r["total"] for r in norms] == pytest.approx([0.01] * 6, rel=1e-3)
+    assert norms[0]["produced"] is None
+    assert [r["produced"] for r in norms[1:]] == pytest.approx(produced[1:], rel=1e-5)
 
 
 def test_more_modules_than_the_cap_keep_the_largest_and_fold_the_rest(tmp_path: Path) -> None:

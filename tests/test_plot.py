@@ -127,3 +127,32 @@ def test_plot_of_a_log_without_norms_says_how_to_record_them(
     assert main(["report", str(log), "--plot", str(tmp_path / "t.png")]) == 1
     assert "--record-norms" in capsys.readouterr().err
     assert not (tmp_path / "t.png").exists()
+
+
+def test_a_loop_that_clears_before_its_step_draws_what_backward_produced(tmp_path: Path):
+    """The tutorial's bug has a picture: backward's norm at every step, none applied."""
+    log, png = tmp_path / "run.jsonl", tmp_path / "timeline.png"
+    gradguard.install(mode="log", log_json=log, record_norms=True)
+    torch.manual_seed(0)
+    net = Net()
+    opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.05), model=net)
+    for batch in batches(5):
+        loss_of(net, batch).backward()
+        opt.zero_grad()
+        opt.step()
+    gradguard.uninstall()
+    (series,) = _plot._series(load(expand([str(log)]))).values()
+    assert series.nothing == [1, 2, 3, 4, 5]
+    assert series.differs
+    assert series.total_at(3) == series.produced[2] > 0  # GG102's mark sits on backward's
+    assert main(["report", str(log), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_a_correct_loop_draws_one_line():
+    """Where every step applies what backward produced, there is nothing else to draw."""
+    series = _plot._Series()
+    for step in (1, 2):
+        series.add({"step": step, "total": 2.0 * step, "produced": 2.0 * step, "modules": {}})
+    assert not series.differs
+    assert series.nothing == []
