@@ -246,6 +246,8 @@ def emit_event(finding: Finding, *, console: bool) -> None:
         "optimizer": finding.optimizer,
         "params": list(finding.params),
         "location": finding.location,
+        **({"written_at": finding.written_at} if finding.written_at else {}),
+        **({"cleared_at": finding.cleared_at} if finding.cleared_at else {}),
         "hint": finding.hint,
         # not "message": the stdlib logging bridge refuses to overwrite LogRecord.message
         "report": finding.message,

@@ -172,6 +172,11 @@ class Finding:
         optimizer: a label for the optimizer, such as ``"SGD#0"``.
         params: qualified parameter names, e.g. ``("encoder.0.weight",)``.
         location: ``file:line`` of the user's code that ran the step.
+        written_at: ``file:line`` of the user's ``backward()`` that wrote the
+            gradients the finding is about, where known (GG101, GG102).
+        cleared_at: ``file:line`` of the user's ``zero_grad()`` that cleared
+            them, or ``"outside any optimizer"`` when no optimizer's
+            ``zero_grad()`` did (GG102).
     """
 
     code: str
@@ -183,6 +188,8 @@ class Finding:
     optimizer: str
     params: tuple[str, ...]
     location: str
+    written_at: str = ""
+    cleared_at: str = ""
 
     @property
     def doc(self) -> str:
@@ -199,14 +206,18 @@ def make_finding(
     params: tuple[str, ...],
     location: str,
     detail: str = "",
+    written_at: str = "",
+    cleared_at: str = "",
 ) -> Finding:
     """Build a `Finding` for ``code`` with the catalogue's name, level, message and fix.
 
-    ``detail`` adds the numbers behind a finding (a norm, a count) to its summary.
+    ``detail`` adds the numbers behind a finding (a norm, a count) to its summary;
+    ``written_at`` and ``cleared_at`` tell its story, line by line (`story`).
     """
     entry = CATALOGUE[code]
     where = f" ({location})" if location else ""
-    what = f"{entry.summary} ({detail})" if detail else entry.summary
+    extra = "; ".join(x for x in (detail, story(code, written_at, cleared_at, location)) if x)
+    what = f"{entry.summary} ({extra})" if extra else entry.summary
     message = (
         f"{entry.code} {entry.name}: {what}, at step {step} of {optimizer}{where}, "
         f"params [{', '.join(_shorten(params))}]. Fix: {entry.hint}. See {entry.doc}."
@@ -221,7 +232,43 @@ def make_finding(
         optimizer=optimizer,
         params=params,
         location=location,
+        written_at=written_at,
+        cleared_at=cleared_at,
     )
+
+
+OUTSIDE = "outside any optimizer"
+"""``cleared_at`` of gradients no optimizer's ``zero_grad()`` cleared."""
+
+
+def story(code: str, written_at: str, cleared_at: str, step_at: str) -> str:
+    """Every line of the user's code involved, in order: ``backward() at train.py:32 wrote
+    them, optimizer.zero_grad() at line 33 cleared them, step() at line 34 applied nothing``.
+
+    Empty when the backward's line is not known.
+    """
+    if not written_at or code not in ("GG101", "GG102"):
+        return ""
+    parts = [("backward()", written_at, "wrote them" if code == "GG102" else "")]
+    if code == "GG101":
+        parts[0] = ("backward()", written_at, "added to what a step already applied")
+        parts.append(("step()", step_at, "applied both, with no zero_grad() between"))
+    elif cleared_at == OUTSIDE:
+        parts.append(("", "", "something outside any optimizer's zero_grad() cleared them"))
+        parts.append(("step()", step_at, "applied nothing"))
+    else:
+        parts.append(("optimizer.zero_grad()", cleared_at, "cleared them"))
+        parts.append(("step()", step_at, "applied nothing"))
+    told, last_file = [], ""
+    for call, at, what in parts:
+        if not call:
+            told.append(what)
+            continue
+        file, _, line = at.rpartition(":")
+        place = f"line {line}" if file and file == last_file else at
+        last_file = file or last_file
+        told.append(f"{call} at {place} {what}")
+    return ", ".join(told)
 
 
 def _shorten(params: tuple[str, ...], limit: int = 8) -> list[str]:

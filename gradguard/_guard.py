@@ -32,7 +32,7 @@ from gradguard._findings import Finding, make_finding
 from gradguard._health import LATENESS
 from gradguard._judge import StepJudge
 from gradguard._models import ModelWatch
-from gradguard._naming import ParamNamer, Place, fallback_names
+from gradguard._naming import ParamNamer, Place, fallback_names, user_location
 from gradguard._process import keep, keep_with
 from gradguard._schedule import Schedule
 from gradguard._sharded import is_sharded
@@ -48,6 +48,7 @@ from gradguard._tracker import (
     learn_shared,
     mark_applied,
     mark_cleared,
+    process_group_up,
 )
 
 Entries = list[tuple[torch.Tensor, Slot]]
@@ -257,7 +258,7 @@ class Guard:
 
         Returns a strict-mode finding to raise once the step is recorded.
         """
-        REGISTRY.new_window()
+        REGISTRY.distributed = process_group_up()  # a step: is a process group up now?
         entries = self._current if self._current is not None else self._entries(opt)
         self._current = None
         usual, self._usual = self._usual, None
@@ -323,9 +324,12 @@ class Guard:
         self._entries(opt)
 
     def _on_zero_grad(self, opt: torch.optim.Optimizer) -> None:
-        REGISTRY.new_window()
+        REGISTRY.distributed = process_group_up()  # a clear: is a process group up now?
         # `_before_zero_grad` brought the entries up to date a moment ago.
-        mark_cleared(self._cache, self._slot_list, bool(STEPS.frames) and STEPS.running())
+        inside = bool(STEPS.frames) and STEPS.running()
+        if mark_cleared(self._cache, self._slot_list, inside) and not inside:
+            # Backward's gradients thrown away: where, for the story of a finding.
+            self._judge.lifecycle.cleared(user_location(2), REGISTRY.backward_at)
 
     def _on_add_param_group(self, opt: torch.optim.Optimizer) -> None:
         self._entries(opt)
@@ -360,8 +364,12 @@ class Guard:
         step: int,
         detail: str = "",
         names: tuple[str, ...] | None = None,
+        *,
+        written_at: str = "",
+        cleared_at: str = "",
     ) -> None:
-        """Report ``code`` for ``params``, named by the models unless ``names`` are given."""
+        """Report ``code`` for ``params``, named by the models unless ``names`` are given;
+        ``written_at`` and ``cleared_at`` tell a lifecycle finding's story."""
         if code == "GG103":
             params = self._trainable()  # none of them got a gradient
         if not params:
@@ -379,6 +387,8 @@ class Guard:
             params=names,
             location=str(where),
             detail=detail,
+            written_at=written_at,
+            cleared_at=cleared_at,
         )
         self._reporter.report(finding, where.filename, where.lineno)
 

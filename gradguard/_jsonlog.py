@@ -286,6 +286,10 @@ def record(finding: Finding) -> dict[str, Any]:
         "doc": finding.doc,
         "message": finding.message,
     }
+    if finding.written_at:  # a lifecycle finding's story: the user's other lines
+        out["written_at"] = finding.written_at
+    if finding.cleared_at:
+        out["cleared_at"] = finding.cleared_at
     return stamp(out)
 
 

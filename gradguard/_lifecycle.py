@@ -24,15 +24,17 @@ from typing import Literal
 import torch
 
 from gradguard._checks import StepVerdict
+from gradguard._findings import OUTSIDE
 from gradguard._health import FiniteProbe, Readback, zero_flags
-from gradguard._naming import Place
+from gradguard._naming import Location, Place
 from gradguard._schedule import AFTER_PENDING, Schedule
-from gradguard._tracker import Slot
+from gradguard._tracker import REGISTRY, Slot
 
 Params = list[torch.Tensor]
 Entries = list[tuple[torch.Tensor, Slot]]
-Report = Callable[[str, Params, Place, int, str], None]
-"""Reports a code for some parameters, at a place and step, with a detail."""
+Report = Callable[..., None]
+"""Reports a code for some parameters, at a place and step, with a detail (the guard's
+``_report``; ``written_at`` and ``cleared_at`` tell a lifecycle finding's story)."""
 StepNorms = Callable[[Params], "Readback | None"]
 """Queues the step's norm pass over these parameters, shared with the numeric checks."""
 
@@ -42,6 +44,25 @@ USED = "used"
 # Why the first step of an optimizer picked up at that step, with no gradient
 # at all, is GG103 although gradguard saw nothing before it.
 _UNWATCHED_FIRST_STEP = "no parameter had a gradient at the first step gradguard watched"
+
+
+Story = tuple["Location | None", "Location | None"]
+"""Where backward was called, and the zero_grad() that cleared what it wrote (``None``:
+unknown, or no optimizer's); `_told` makes it the finding's text."""
+
+
+def _told(story: Story) -> dict[str, str]:
+    """A GG102's story as `make_finding`'s ``written_at`` and ``cleared_at`` (with no
+    backward's line, nothing to tell)."""
+    written, cleared = story
+    if written is None:
+        return {}
+    return {"written_at": str(written), "cleared_at": str(cleared) if cleared else OUTSIDE}
+
+
+def _added(written: Location | None) -> dict[str, str]:
+    """A GG101's story: where the backward that added to applied gradients was called."""
+    return {} if written is None else {"written_at": str(written)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +156,7 @@ class _Asked:
     pending: dict[int, int]  # param id -> the earlier step whose check decides its content
     stale: _Stale
     nothing_else: bool  # nothing but zeros could be left for the step to apply
+    written: Location | None  # where the backward was called, for the story
     probed: bool = False  # the finite probe's reading is the last value
     from_norms: bool = False  # the values are the step's gradient norms, not zero flags
     finite: float | None = None  # what the finite probe read, once known
@@ -171,8 +193,15 @@ class Lifecycle:
         # The step whose zero check was asked and that is not recorded as applied yet.
         self.applying: int | None = None
         self._zero_applied: set[int] = set()  # params that step applies as all zeros
+        # Where a zero_grad() threw backward's gradients away since the last step, and
+        # where that backward was called: the story of a GG102.
+        self._cleared: Story | None = None
         self._unwatched = False  # the unwatched first step found no gradient
         self._held_empty: tuple[Place, int] | None = None  # see `report_held_empty`
+
+    def cleared(self, where: Location, written: Location | None) -> None:
+        """A ``zero_grad()`` at ``where`` threw away what the backward at ``written`` wrote."""
+        self._cleared = (written, where)
 
     def first_step_unwatched(self, entries: Entries) -> bool:
         """The first step of an optimizer picked up at that step: judge it only if empty.
@@ -193,8 +222,12 @@ class Lifecycle:
         when the zero check asks about exactly the gradients it norms (a
         clipped step), a norm of zero answers it, and one pass serves both.
         """
+        # Where backward was called, and where a zero_grad() cleared what it wrote
+        # (None: outside any optimizer); made text only when a finding tells it.
+        story = self._cleared or (REGISTRY.backward_at, None)
+        self._cleared = None
         if self._held_empty is not None:
-            self.report_held_empty(verdict.cleared)
+            self.report_held_empty(verdict.cleared, story)
         if verdict.usual:
             if self.probe.holding:
                 self.probe.take()  # what it read is about no gradient judged here
@@ -212,10 +245,10 @@ class Lifecycle:
                 stale.add(settled)
                 self._stale_once_known([p for p in params if id(p) in pending], pending, stale)
             else:
-                self._report(code, settled, location, step, "")
+                self._report(code, settled, location, step, **_told(story))
         nothing_else = not (verdict.any_fresh or settled_now)
         probe = (self.probe.key, self.probe.take())
-        asked = _Asked(step, location, [], 0, pending, stale, nothing_else)
+        asked = _Asked(step, location, [], 0, pending, stale, nothing_else, story[0])
         for name, rule in _ASKED:
             params = getattr(verdict, name)
             if rule.ask == "pending":
@@ -227,7 +260,7 @@ class Lifecycle:
             # Its answer comes after this step: arm the probe now rather than then, so
             # the next backward's reading is there to tell a clear from nan_to_num_.
             self.probe.arm(min(verdict.changed, key=torch.Tensor.numel))
-        self._report_stale(stale, location, step)
+        self._report_stale(stale, location, step, story[0])
         if verdict.nothing_to_apply and self._unwatched:
             location.get()  # reported at the next step: where this one is, found now
             self._held_empty = (location, step)
@@ -249,7 +282,7 @@ class Lifecycle:
                 if id(param) in zero_applied:
                     slot.found_zeros()
 
-    def report_held_empty(self, cleared: Params) -> None:
+    def report_held_empty(self, cleared: Params, story: Story = (None, None)) -> None:
         """The unwatched first step that found no gradient, now that the next step is known.
 
         Nothing before that first step was seen, so its emptiness has two
@@ -262,7 +295,7 @@ class Lifecycle:
             return
         location, step = held
         if cleared:
-            self._report("GG102", cleared, location, step, "")
+            self._report("GG102", cleared, location, step, **_told(story))
         else:
             self._report("GG103", [], location, step, _UNWATCHED_FIRST_STEP)
 
@@ -294,16 +327,20 @@ class Lifecycle:
 
         self._schedule.defer(AFTER_PENDING, params, resolve)
 
-    def _report_stale(self, stale: _Stale, location: Place, step: int) -> None:
+    def _report_stale(
+        self, stale: _Stale, location: Place, step: int, written: Location | None
+    ) -> None:
         """GG101 once, after every check that adds to it."""
         if self._schedule.queue:  # some check is still on the device: report after it
 
             def resolve(values: list[float], alive: list[torch.Tensor | None]) -> None:
-                self._report("GG101", stale.params(self._order()), location, step, "")
+                params = stale.params(self._order())
+                self._report("GG101", params, location, step, **_added(written))
 
             self._schedule.defer(AFTER_PENDING, [], resolve)
         elif stale.refs:
-            self._report("GG101", stale.params(self._order()), location, step, "")
+            params = stale.params(self._order())
+            self._report("GG101", params, location, step, **_added(written))
 
     def _ask(
         self,
@@ -402,7 +439,7 @@ class Lifecycle:
                         slot.mark_used()
         location = asked.location
         if unseen_clear:
-            self._unseen_clear(unseen_clear, finite, location, step)
+            self._unseen_clear(unseen_clear, finite, location, step, asked.written)
         if applies_nothing and not nothing_asked:
             self._report("GG103", [], location, step, "")
 
@@ -416,7 +453,12 @@ class Lifecycle:
             slot.found_zeros()
 
     def _unseen_clear(
-        self, zeros: Params, finite: float | None, location: Place, step: int
+        self,
+        zeros: Params,
+        finite: float | None,
+        location: Place,
+        step: int,
+        written: Location | None,
     ) -> None:
         """Fresh gradients zeroed in place by something no wrapper sees: GG102 if a clear.
 
@@ -427,4 +469,4 @@ class Lifecycle:
         if finite is None:  # the probe watched none of them in this step's backward
             self.probe.arm(min(zeros, key=torch.Tensor.numel))
         elif finite == 1.0:
-            self._report("GG102", zeros, location, step, "")
+            self._report("GG102", zeros, location, step, **_told((written, None)))

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
 from gradguard._config import short_repr
-from gradguard._findings import CATALOGUE
+from gradguard._findings import CATALOGUE, story
 from gradguard._tally import SummaryRow, Tally
 
 Record = dict[str, Any]
@@ -86,6 +86,16 @@ def render_table(
         text = line(values)
         code = _paint(row.code, _LEVEL_COLOURS.get(row.level, "0"), colour)
         out.append(code + text[len(row.code) :])
+        if row.story:  # the user's lines involved, first occurrence
+            out.extend(
+                textwrap.wrap(
+                    f"lines: {row.story}",
+                    width=max(40, width),
+                    initial_indent=indent,
+                    subsequent_indent=indent + "       ",
+                    break_on_hyphens=False,
+                )
+            )
         doc = f" See {row.doc}." if row.doc else ""
         fix = textwrap.wrap(
             f"fix: {row.hint}.{doc}",
@@ -275,6 +285,7 @@ _FIELDS: dict[object, dict[str, _Check]] = {
         "step": _INT,
         "optimizer": _STR,
         "total": (_is_norm, "a number or null"),
+        "produced": (_is_norm, "a number or null"),
         "modules": (_is_modules, "an object of module name: number or null"),
     },
     "watching": {},
@@ -289,6 +300,8 @@ _FIELDS: dict[object, dict[str, _Check]] = {
         "hint": _STR,
         "doc": _STR,
         "message": _STR,
+        "written_at": _STR,
+        "cleared_at": _STR,
     },
 }
 
@@ -325,6 +338,12 @@ def _first_row(rec: Record) -> SummaryRow:
         location=str(rec.get("location") or ""),
         params=tuple(str(p) for p in rec.get("params") or ()),
         hint=str(rec.get("hint") or (entry.hint if entry else "")),
+        story=story(
+            code,
+            str(rec.get("written_at") or ""),
+            str(rec.get("cleared_at") or ""),
+            str(rec.get("location") or ""),
+        ),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 
-from gradguard._findings import CATALOGUE, Finding
+from gradguard._findings import CATALOGUE, Finding, story
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,7 @@ class SummaryRow:
     location: str
     params: tuple[str, ...]
     hint: str
+    story: str = ""  # the user's lines a lifecycle finding involves (`_findings.story`)
 
     @property
     def doc(self) -> str:
@@ -105,4 +106,5 @@ def _row(finding: Finding) -> SummaryRow:
         location=finding.location,
         params=finding.params,
         hint=finding.hint,
+        story=story(finding.code, finding.written_at, finding.cleared_at, finding.location),
     )

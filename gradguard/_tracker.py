@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gradguard._naming import Location, user_location
 from gradguard._process import keep
 from gradguard._sharded import is_dtensor, local, version_of
 
@@ -130,6 +131,9 @@ _compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) o
 _distributed: Callable[[], bool] = (
     torch.distributed.is_initialized if torch.distributed.is_available() else lambda: False
 )
+process_group_up = _distributed
+"""Whether a process group is up: the guard sets ``REGISTRY.distributed`` from it at each
+step and clear, inline (one call fewer each)."""
 
 
 class _Backward:
@@ -318,9 +322,10 @@ class Slot:
                 self._accumulated(param, grad)
         except Exception as exc:
             self.failed(exc)
-        # Once per backward (its id), not per parameter: any unfrozen since?
-        if REGISTRY.frozen and _graph_task_id() != REGISTRY.looked:
-            REGISTRY.look_for_unfrozen()
+        # Once per backward (its id), not per parameter: where it was called, and
+        # any parameter unfrozen since.
+        if _graph_task_id() != REGISTRY.looked:
+            REGISTRY.new_backward()
 
     def failed(self, exc: BaseException) -> None:
         """Tell every guard using this slot that tracking it failed with ``exc``."""
@@ -590,25 +595,28 @@ def inside_backward() -> bool:
 
 def mark_cleared(
     entries: list[tuple[torch.Tensor, Slot]], slots: list[Slot], inside_step: bool
-) -> None:
+) -> bool:
     """An observed ``zero_grad`` just cleared these parameters' gradients.
 
     ``slots`` are the entries' slots, in order. `Slot.on_clear` for each; the
     usual case, a clear to ``None`` of gradients a step applied, is done
-    inline, since this runs per parameter at every clear.
+    inline, since this runs per parameter at every clear. Returns whether it
+    cleared what a backward wrote since the last step (fresh gradients).
     """
     params = map(operator.itemgetter(0), entries)
     cleared = all(map(operator.is_, map(_GRAD, params), repeat(None)))
-    if cleared and not inside_step and not any(map(_FRESH, slots)):
+    fresh = any(map(_FRESH, slots))
+    if cleared and not inside_step and not fresh:
         for slot in slots:
             slot.ref, slot.version, slot.stale, slot.applied = None, -1, False, False
-        return
+        return False
     for param, slot in entries:
         if slot.fresh or inside_step:
             slot.on_clear(param, inside_step)
             continue
         slot.stale = slot.applied = False
         slot.see(param.grad)
+    return fresh
 
 
 def untouched(params: list[torch.Tensor], slots: list[Slot]) -> bool:
@@ -795,6 +803,8 @@ class Registry:
         # already hooked.
         self.frozen: dict[int, Slot] = {}
         self.looked = -1  # the backward (graph task) that last looked
+        # Where the user's code called the last backward (``loss.backward()``).
+        self.backward_at: Location | None = None
         # Whether a process group is up, as of the last step, clear or guard
         # created: read per parameter in the hook, so not asked of torch there.
         self.distributed = _distributed()
@@ -820,15 +830,15 @@ class Registry:
                 self.frozen[key] = slot
         return slot
 
-    def new_window(self) -> None:
-        """A step or a clear happened: ask again whether a process group is up."""
-        self.distributed = _distributed()
-
-    def look_for_unfrozen(self) -> None:
-        """Once per backward, hook the watched parameters unfrozen since last looked at."""
-        mark = _graph_task_id()
-        if mark != self.looked:
-            self.looked = mark
+    def new_backward(self) -> None:
+        """A backward pass began writing gradients: note where the user called it, and hook
+        the watched parameters unfrozen since last looked at (once per pass)."""
+        self.looked = _graph_task_id()
+        # Its hooks run in the calling thread on the CPU; on a CUDA device thread
+        # no user frame is on the stack, and nothing is noted.
+        where = user_location(2)
+        self.backward_at = where if where.filename and not where.library else None
+        if self.frozen:
             self.hook_unfrozen()
 
     def hook_unfrozen(self) -> None:

@@ -31,6 +31,8 @@ FIELDS = {
     "timestamp",
     "pid",
 }
+# A lifecycle finding's story: where backward wrote the gradients and zero_grad() cleared them.
+STORY = {"written_at", "cleared_at"}
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +63,7 @@ def test_json_log_holds_one_line_per_finding_with_every_field(tmp_path: Path) ->
     train(bug=True, steps=4)
     gradguard.uninstall()
     record, summary = _records(path)
-    assert set(record) == FIELDS
+    assert set(record) == FIELDS | STORY
     assert record["code"] == "GG102"
     assert record["event"] == "cleared-before-step"
     assert record["level"] == "error"
@@ -69,6 +71,9 @@ def test_json_log_holds_one_line_per_finding_with_every_field(tmp_path: Path) ->
     assert str(record["optimizer"]).startswith("SGD#")
     assert record["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert str(record["location"]).endswith(f"loops.py:{step_lineno()}")
+    # The story: the backward two lines up wrote them, the zero_grad() just above cleared them.
+    assert str(record["written_at"]).endswith(f"loops.py:{step_lineno() - 3}")
+    assert str(record["cleared_at"]).endswith(f"loops.py:{step_lineno() - 1}")
     assert str(record["message"]).startswith("GG102 cleared-before-step:")
     assert str(record["message"]).endswith(f"Fix: {record['hint']}. See {record['doc']}.")
     assert record["doc"] == "docs/findings/GG102.md"
@@ -100,7 +105,7 @@ def test_rank_placeholder_and_fields_under_a_process_group(
     finally:
         dist.destroy_process_group()
     record, summary = _records(tmp_path / "gg-0.jsonl")
-    assert set(record) == FIELDS | {"rank", "world_size"}
+    assert set(record) == FIELDS | STORY | {"rank", "world_size"}
     assert (record["rank"], record["world_size"]) == (0, 1)
     assert (summary["event"], summary["rank"], summary["world_size"]) == ("summary", 0, 1)
 

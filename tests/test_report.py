@@ -46,8 +46,17 @@ def test_report_prints_the_same_table_as_the_exit_summary(
     out = capsys.readouterr().out
     assert out.startswith(f"gradguard: 4 findings in {path}\n\n")
     assert table(out) == table(at_exit)
-    header, row, fix, *fix_continued = table(out)
+    header, row, lines, lines_continued, fix, *fix_continued = table(out)
     assert re.split(r"  +", header) == HEADER
+    # The user's lines the finding involves, wrapped under the row like the fix.
+    step = step_lineno()
+    told = " ".join([lines, lines_continued]).split()
+    assert told[:3] == ["lines:", "backward()", "at"]
+    assert told[3].endswith(f"loops.py:{step - 3}")
+    assert " ".join(told[4:]) == (
+        f"wrote them, optimizer.zero_grad() at line {step - 1} cleared them, step() at line "
+        f"{step} applied nothing"
+    )
     assert row.split()[:4] == ["GG102", "cleared-before-step", "4", "1"]
     assert row.split()[4].endswith(f"loops.py:{step_lineno()}")
     assert row.split()[5:] == ["0.weight,", "0.bias,", "2.weight,", "+1", "more"]
