@@ -79,6 +79,7 @@ DEFERRED_MODULES = {
     "test_optimizers",
     "test_property",
     "test_real_patterns",
+    "test_story",
     "test_tracking_changes",
     "test_training_unchanged",
 }

@@ -75,9 +75,10 @@ def test_log_mode_writes_the_json_line_and_leaves_stdout_alone(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == tutorial_stdout
     record, summary = [json.loads(line) for line in out.read_text().splitlines()]
-    assert set(record) == JSON_FIELDS
+    assert set(record) == JSON_FIELDS | {"written_at", "cleared_at"}
     assert (summary["event"], summary["counts"]) == ("summary", {"GG102": 100})
     assert (record["code"], record["step"], record["location"]) == ("GG102", 1, f"{FLAGSHIP}:34")
+    assert (record["written_at"], record["cleared_at"]) == (f"{FLAGSHIP}:32", f"{FLAGSHIP}:33")
     assert record["params"] == ["linear.weight", "linear.bias"]
 
 
@@ -91,7 +92,7 @@ def test_unguarded_tutorial_gives_the_same_finding(
     assert f"{UNGUARDED}:33: ClearedBeforeStepWarning: GG102 cleared-before-step" in proc.stderr
     assert "params [linear.weight, linear.bias]" in proc.stderr
     summary = proc.stderr[proc.stderr.index("gradguard: 100 findings (mode=warn)") :]
-    header, row, fix = summary.splitlines()[1:4]
+    header, row, lines, lines_continued, fix = summary.splitlines()[1:6]
     assert header.split("  ")[0] == "code"
     assert row.split() == [
         "GG102",
@@ -102,6 +103,11 @@ def test_unguarded_tutorial_gives_the_same_finding(
         "linear.weight,",
         "linear.bias",
     ]
+    told = " ".join([lines, lines_continued]).split()
+    assert " ".join(told) == (
+        f"lines: backward() at {UNGUARDED}:31 wrote them, optimizer.zero_grad() at line 32 "
+        "cleared them, step() at line 33 applied nothing"
+    )
     assert fix.strip().startswith("fix: move zero_grad() before loss.backward()")
 
 
