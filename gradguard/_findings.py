@@ -249,25 +249,26 @@ def story(code: str, written_at: str, cleared_at: str, step_at: str) -> str:
     """
     if not written_at or code not in ("GG101", "GG102"):
         return ""
-    parts = [("backward()", written_at, "wrote them" if code == "GG102" else "")]
     if code == "GG101":
-        parts[0] = ("backward()", written_at, "added to what a step already applied")
-        parts.append(("step()", step_at, "applied both, with no zero_grad() between"))
-    elif cleared_at == OUTSIDE:
-        parts.append(("", "", "something outside any optimizer's zero_grad() cleared them"))
-        parts.append(("step()", step_at, "applied nothing"))
+        parts = [
+            ("backward()", written_at, "added to what a step already applied"),
+            ("step()", step_at, "applied both, with no zero_grad() between"),
+        ]
     else:
-        parts.append(("optimizer.zero_grad()", cleared_at, "cleared them"))
-        parts.append(("step()", step_at, "applied nothing"))
-    told, last_file = [], ""
+        clear = ("optimizer.zero_grad()", cleared_at, "cleared them")
+        if cleared_at == OUTSIDE:  # no line of the user's to name
+            clear = ("", "", "something outside any optimizer's zero_grad() cleared them")
+        parts = [
+            ("backward()", written_at, "wrote them"),
+            clear,
+            ("step()", step_at, "applied nothing"),
+        ]
+    told, previous = [], ""
     for call, at, what in parts:
-        if not call:
-            told.append(what)
-            continue
         file, _, line = at.rpartition(":")
-        place = f"line {line}" if file and file == last_file else at
-        last_file = file or last_file
-        told.append(f"{call} at {place} {what}")
+        place = f"line {line}" if file and file == previous else at  # same file: the line
+        told.append(f"{call} at {place} {what}" if call else what)
+        previous = file or previous
     return ", ".join(told)
 
 

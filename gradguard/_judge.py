@@ -65,10 +65,6 @@ class _Produced:
         self.total: float | None = None
 
 
-def _call(ref: weakref.ref[torch.Tensor]) -> torch.Tensor | None:
-    return ref()
-
-
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -400,7 +396,7 @@ class StepJudge:
         if raw is None or produced.same:
             return produced
         readback, refs = raw
-        alive = [p for p in map(_call, refs) if p is not None]
+        alive = [p for p in (r() for r in refs) if p is not None]
 
         def resolve(values: list[float], _params: list[torch.Tensor | None]) -> None:
             produced.total = _finite(math.hypot(*values[: len(refs)]))

@@ -52,7 +52,7 @@ _TENSOR = torch.Tensor
 # The hook's one allocation, by a name tests can make fail (fault containment).
 _ref = weakref.ref
 
-# The per-step passes over every parameter run these at C speed (`untouched`).
+# The per-step passes over every parameter run these at C speed (`moved`).
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
 _REF = operator.attrgetter("ref")
@@ -619,24 +619,11 @@ def mark_cleared(
     return fresh
 
 
-def untouched(params: list[torch.Tensor], slots: list[Slot]) -> bool:
-    """Whether each parameter holds exactly the gradient its slot last saw, in the version
-    it saw: a plain tensor, not replaced or changed in place since (at C speed)."""
-    refs = list(map(_REF, slots))
-    if None in refs:
-        return False
-    grads = list(map(_GRAD, params))
-    return (
-        all(map(operator.is_, grads, map(_DEREF, refs)))
-        and all(map(operator.is_, map(type, grads), repeat(_TENSOR)))
-        and list(map(_VERSION, grads)) == list(map(_SEEN_VERSION, slots))
-    )
-
-
-def rescaled(params: list[torch.Tensor], slots: list[Slot]) -> list[torch.Tensor] | None:
+def moved(params: list[torch.Tensor], slots: list[Slot]) -> list[torch.Tensor] | None:
     """The parameters whose gradient, the very object its slot last saw, was changed in
-    place since (a clip rescales them all); ``None`` when any gradient was replaced or is
-    not a plain dense tensor (at C speed)."""
+    place since (a clip rescales them all): ``[]`` when every one is untouched, in the
+    version seen; ``None`` when any was replaced, or is not a plain tensor, or is sparse
+    and changed (at C speed)."""
     refs = list(map(_REF, slots))
     if None in refs:
         return None
@@ -644,10 +631,14 @@ def rescaled(params: list[torch.Tensor], slots: list[Slot]) -> list[torch.Tensor
     if not (
         all(map(operator.is_, grads, map(_DEREF, refs)))
         and all(map(operator.is_, map(type, grads), repeat(_TENSOR)))
-        and all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided)))
     ):
         return None
-    return list(compress(params, map(operator.ne, map(_VERSION, grads), map(_SEEN_VERSION, slots))))
+    versions = list(map(_VERSION, grads))
+    if versions == list(map(_SEEN_VERSION, slots)):
+        return []
+    if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
+        return None
+    return list(compress(params, map(operator.ne, versions, map(_SEEN_VERSION, slots))))
 
 
 Split = tuple[list[torch.Tensor], list[Slot], list[torch.Tensor], list[Slot]]
@@ -680,9 +671,7 @@ def usual_step(
     fresh = list(map(_FRESH, trained_slots))
     if not fresh or 0 in fresh or any(map(_STALE, trained_slots)) or any(map(_LOST, trained_slots)):
         return None
-    if untouched(trained, trained_slots):
-        return parts, max(fresh), []
-    changed = rescaled(trained, trained_slots)
+    changed = moved(trained, trained_slots)
     return None if changed is None else (parts, max(fresh), changed)
 
 
@@ -709,25 +698,29 @@ def mark_applied(
     the parts of a step judged usual (`usual_step`), recorded inline if
     nothing changed since.
     """
-    if usual is not None and 0 not in map(_FRESH, usual[1]):
-        frozen, frozen_slots = usual[2], usual[3]
-        inert = not frozen or _inert(frozen, frozen_slots)
+    changed = None
+    if (
+        usual is not None
+        and 0 not in map(_FRESH, usual[1])
+        and (not usual[2] or _inert(usual[2], usual[3]))
+    ):
+        changed = moved(usual[0], usual[1])
+    if usual is not None and changed is not None:
         # Fresh slots have nothing discarded, and within a step judged usual
         # none turns stale or loses a result: only these change.
-        if inert and untouched(usual[0], usual[1]):
+        if not changed:
             for slot, version in zip(usual[1], map(_VERSION, usual[0]), strict=True):
                 slot.fresh, slot.applied, slot.param_version = 0, True, version
             return
-        if inert and rescaled(usual[0], usual[1]) is not None:
-            # Clipped: what was changed in place since is content, unless the
-            # device finds zeros (the zero check un-applies those).
-            for param, slot in zip(usual[0], usual[1], strict=True):
-                version = param.grad._version  # type: ignore[union-attr]
-                if version != slot.version:
-                    slot.used = True
-                    slot.version = version
-                slot.fresh, slot.applied, slot.param_version = 0, True, param._version
-            return
+        # Clipped: what was changed in place since is content, unless the
+        # device finds zeros (the zero check un-applies those).
+        for param, slot in zip(usual[0], usual[1], strict=True):
+            version = param.grad._version  # type: ignore[union-attr]
+            if version != slot.version:
+                slot.used = True
+                slot.version = version
+            slot.fresh, slot.applied, slot.param_version = 0, True, param._version
+        return
     for param, slot in entries:
         grad = param.grad
         if grad is None:
