@@ -77,6 +77,14 @@ class DiscardedGradientsError(GradGuardError):
     """GG105: backward results were repeatedly cleared before any step."""
 
 
+class ForeignGradientWarning(GradGuardWarning):
+    """GG106: a step applied gradients a backward wrote for another update."""
+
+
+class ForeignGradientError(GradGuardError):
+    """GG106: a step applied gradients a backward wrote for another update."""
+
+
 class NonFiniteGradientWarning(GradGuardWarning):
     """GG201: a step is applying NaN or Inf gradients."""
 
@@ -131,6 +139,7 @@ WARNINGS: dict[str, type[GradGuardWarning]] = {
     "GG103": StepWithoutBackwardWarning,
     "GG104": AccumulationMismatchWarning,
     "GG105": DiscardedGradientsWarning,
+    "GG106": ForeignGradientWarning,
     "GG201": NonFiniteGradientWarning,
     "GG202": ExplodingGradientWarning,
     "GG301": UnusedParameterWarning,
@@ -145,6 +154,7 @@ ERRORS: dict[str, type[GradGuardError]] = {
     "GG103": StepWithoutBackwardError,
     "GG104": AccumulationMismatchError,
     "GG105": DiscardedGradientsError,
+    "GG106": ForeignGradientError,
     "GG201": NonFiniteGradientError,
     "GG202": ExplodingGradientError,
     "GG301": UnusedParameterError,

@@ -91,6 +91,19 @@ CATALOGUE: dict[str, Code] = {
             ),
         ),
         Code(
+            code="GG106",
+            name="foreign-gradient",
+            level="warning",
+            summary=(
+                "a step applied, along with its own, gradients a backward wrote for another update"
+            ),
+            hint=(
+                "clear each optimizer's gradients right before its own backward() (or freeze "
+                "the other model with requires_grad_(False) during the other update), and "
+                "run validation under torch.no_grad()"
+            ),
+        ),
+        Code(
             code="GG201",
             name="non-finite-gradient",
             level="error",
@@ -173,7 +186,8 @@ class Finding:
         params: qualified parameter names, e.g. ``("encoder.0.weight",)``.
         location: ``file:line`` of the user's code that ran the step.
         written_at: ``file:line`` of the user's ``backward()`` that wrote the
-            gradients the finding is about, where known (GG101, GG102).
+            gradients the finding is about, where known (GG101, GG102), or
+            the foreign backward's (GG106).
         cleared_at: ``file:line`` of the user's ``zero_grad()`` that cleared
             them, or ``"outside any optimizer"`` when no optimizer's
             ``zero_grad()`` did (GG102).
@@ -247,9 +261,14 @@ def story(code: str, written_at: str, cleared_at: str, step_at: str) -> str:
 
     Empty when the backward's line is not known.
     """
-    if not written_at or code not in ("GG101", "GG102"):
+    if not written_at or code not in ("GG101", "GG102", "GG106"):
         return ""
-    if code == "GG101":
+    if code == "GG106":
+        parts = [
+            ("backward()", written_at, "wrote them"),
+            ("step()", step_at, "applied them with its own"),
+        ]
+    elif code == "GG101":
         parts = [
             ("backward()", written_at, "added to what a step already applied"),
             ("step()", step_at, "applied both, with no zero_grad() between"),

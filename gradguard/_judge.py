@@ -20,6 +20,7 @@ import torch
 from gradguard._checks import StepVerdict, Windows
 from gradguard._config import Options
 from gradguard._dispatch import _log, emit_info, emit_record, has_record_sinks
+from gradguard._foreign import LIVE, Foreign, Leak
 from gradguard._health import (
     BackwardNorms,
     Cadence,
@@ -104,6 +105,7 @@ class StepJudge:
             schedule, report, slots, order, strict=options.mode == "strict", on_error=on_error
         )
         self._windows = Windows(options.accumulation_steps)
+        self._foreign = Foreign(label, slots)
         self._norms = NormHistory(options.explode_factor, options.max_grad_norm)
         self._cadence = Cadence(options.numerics_every)
         self._module_norms: tuple[Entries, ModuleNorms] | None = None
@@ -136,6 +138,8 @@ class StepJudge:
         window = self._windows.judge(verdict)
         if window is not None:
             self._report(window[0], window[1], location, self.step, window[2])
+        if verdict.micro_batches > 1 or len(LIVE) > 1:  # GG106 needs one of them
+            self._judge_foreign(verdict, location)
         if (self.options.check_numerics and verdict.with_grad) or self.options.record_norms:
             self._check_numerics(opt, verdict, location)
         self._shared = None
@@ -152,12 +156,42 @@ class StepJudge:
         """Remove the checks' hooks and forget what they hold; idempotent."""
         self._closed = True
         self.lifecycle.close()
+        self._foreign.close()
+        self._models.close()
         self._backward_norms.remove()
         self._end_sighting()
         if len(REGISTRY) == 0:  # the run is over: the next one looks again
             _SIGHTED.value = False
         self._entries, self._never_used = [], []
         self._unused.clear()
+
+    # -- GG106 ---------------------------------------------------------------
+
+    def _judge_foreign(self, verdict: StepVerdict, location: Place) -> None:
+        """GG106: does the step apply what a backward wrote for another update.
+
+        Gradients changed in place since backward are judged once the step's
+        zero check says they are not all zeros (a clear no wrapper saw leaves
+        nothing of any backward).
+        """
+        parts = verdict.usual or verdict.rescaled
+        if parts is not None:
+            params, slots = parts[0], parts[1]
+        else:
+            params = [p for p in verdict.fresh if p.requires_grad and id(p) in self._slots]
+            slots = [self._slots[id(p)] for p in params]
+        leaks = self._foreign.judge(params, slots, verdict.micro_batches)
+        changed = {id(p) for p in (*verdict.changed, *verdict.stale_changed)}
+        for leak in leaks:
+            report = functools.partial(self._report_leak, leak, location, self.step)
+            if any(id(p) in changed for p in leak.params):
+                self.lifecycle.with_content(leak.params, self.step, report)
+            else:
+                report(leak.params)
+
+    def _report_leak(self, leak: Leak, location: Place, step: int, params: Params) -> None:
+        written = "" if leak.written_at is None else str(leak.written_at)
+        self._report("GG106", params, location, step, leak.detail, written_at=written)
 
     # -- GG401 ---------------------------------------------------------------
 

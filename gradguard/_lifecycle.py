@@ -299,6 +299,18 @@ class Lifecycle:
         else:
             self._report("GG103", [], location, step, _UNWATCHED_FIRST_STEP)
 
+    def with_content(self, params: Params, step: int, then: Callable[[Params], None]) -> None:
+        """``then`` with those of ``params`` that this step's zero check did not find all
+        zeros (not asked about: content), once every check still on the device answered."""
+
+        def resolve(_values: list[float], alive: list[torch.Tensor | None]) -> None:
+            then([p for p in alive if p is not None and self._found_zero.get(id(p)) != step])
+
+        if self._schedule.queue:
+            self._schedule.defer(AFTER_PENDING, params, resolve)
+        else:
+            resolve([], list(params))
+
     def close(self) -> None:
         self.probe.remove()
 

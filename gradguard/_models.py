@@ -16,14 +16,19 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard._compiled import untraced
 from gradguard._naming import REGISTRATIONS, find_owner_modules, named_modules_in_main
+from gradguard._tracker import REGISTRY
 
 
 class ModelWatch:
-    """The models owning an optimizer's parameters, and each parameter's owner module."""
+    """The models owning an optimizer's parameters, and each parameter's owner module.
+
+    Their mode in every backward pass is noted from the moment they are known
+    (`Registry.watch_models`) until `close`.
+    """
 
     def __init__(self, models: list[nn.Module]) -> None:
         self._given = bool(models)
-        self._models = [weakref.ref(m) for m in models]
+        self._models = REGISTRY.watch_models(models)
         self._owners: dict[int, weakref.ref[nn.Module]] = {}  # param id -> module holding it
         self._orphans: set[int] = set()  # param ids no known module holds
         self._confirmed: set[int] = set()
@@ -31,8 +36,12 @@ class ModelWatch:
     def models(self, params: list[torch.Tensor]) -> list[nn.Module]:
         """The live models; found from ``params`` on first use when none was given."""
         if not self._given and not self._models and params:
-            self._models = [weakref.ref(m) for m in find_owner_modules(params)[:1]]
+            self._models = REGISTRY.watch_models(find_owner_modules(params)[:1])
         return [m for m in (r() for r in self._models) if m is not None]
+
+    def close(self) -> None:
+        """Stop noting the models' mode in backward passes; idempotent."""
+        REGISTRY.unwatch_models(self._models)
 
     def in_eval(self, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
         """The ``fresh`` parameters, when every one of them lives in a module in eval mode.

@@ -211,6 +211,13 @@ class Slot:
             counting only clears outside a step of gradients no step used.
         used: the parameter has ever received a gradient: from backward, or
             written by hand and applied by a step.
+        since: the backward pass (`Registry.passes`) that began the
+            gradient's window, the passes accumulated since the last step or
+            clear (0: one gradguard did not see).
+        last: the latest backward pass that wrote into it.
+        modes: the modes of the models (`Registry.mode`) in the window's
+            passes, or-ed: ``TRAIN | EVAL`` when a pass in eval mode and one
+            in train mode were accumulated together (GG106).
         shared: its gradients live in a buffer shared with other gradients
             (views, or slices of one ``torch.cat`` of parameters), whose
             writes all move one version counter.
@@ -231,13 +238,16 @@ class Slot:
         "handle",
         "inner",
         "key",
+        "last",
         "lost",
+        "modes",
         "on_error",
         "param_ref",
         "param_version",
         "pending",
         "ref",
         "shared",
+        "since",
         "stale",
         "used",
         "users",
@@ -263,6 +273,7 @@ class Slot:
         self.lost = 0
         self.used = False
         self.shared = False
+        self.since = self.last = self.modes = 0
         self.param_version = param._version
         grad = param.grad
         # A gradient that exists before we watch came from a backward we did
@@ -311,21 +322,22 @@ class Slot:
         never left to break the user's backward; only a strict guard raises.
         """
         try:
+            # Once per backward (its id), not per parameter: its number and mode,
+            # where it was called, and any parameter unfrozen since.
+            if _graph_task_id() != REGISTRY.looked:
+                REGISTRY.new_backward()
             grad = param.grad
             # The usual case, inline (this runs per parameter at every backward):
             # the first gradient since a clear to None, in a single process.
             simple = not (self.fresh or self.shared or REGISTRY.distributed)
             if simple and self.ref is None and type(grad) is _TENSOR and not _compiling():
-                self.ref, self.version = _ref(grad), grad._version
+                self.ref, self.version, self.modes = _ref(grad), grad._version, REGISTRY.mode
                 self.fresh, self.used, self.discarded = 1, True, 0
+                self.since = self.last = REGISTRY.passes
             else:
                 self._accumulated(param, grad)
         except Exception as exc:
             self.failed(exc)
-        # Once per backward (its id), not per parameter: where it was called, and
-        # any parameter unfrozen since.
-        if _graph_task_id() != REGISTRY.looked:
-            REGISTRY.new_backward()
 
     def failed(self, exc: BaseException) -> None:
         """Tell every guard using this slot that tracking it failed with ``exc``."""
@@ -364,6 +376,7 @@ class Slot:
             # applied it without a clear in between makes it stale.
             if self.applied:
                 self.stale = True
+            self._in_window(onto=True)
             self.fresh += 1
         elif same and version == self.version:
             return  # recorded already, by `catch_up` at a step inside this backward
@@ -376,6 +389,7 @@ class Slot:
             # `_restart`, inline: this runs per parameter at every backward.
             if self.fresh:
                 self._end_fresh(param, grad)
+            self._in_window(onto=False)
             self.ref = _ref(grad)
             self.stale = False
             self.fresh = 1
@@ -391,9 +405,19 @@ class Slot:
         """
         if self.fresh:
             self._end_fresh(param, grad)
+        self._in_window(onto=False)
         self.ref = weakref.ref(grad)
         self.stale = False
         self.fresh = count
+
+    def _in_window(self, *, onto: bool) -> None:
+        """The running backward pass wrote into the gradient: onto the window's passes
+        (``onto``, when there are some), or beginning a window."""
+        if onto and self.fresh:
+            self.last, self.modes = REGISTRY.passes, self.modes | REGISTRY.mode
+        else:
+            self.since = self.last = REGISTRY.passes
+            self.modes = REGISTRY.mode
 
     def _end_fresh(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """Backward output not applied yet is replaced by ``grad``."""
@@ -436,6 +460,7 @@ class Slot:
                 self.stale = True
             if not same:
                 self.ref = weakref.ref(grad)
+            self._in_window(onto=True)
             self.fresh += count
         else:
             self._restart(param, grad, count)
@@ -464,6 +489,8 @@ class Slot:
     def on_unsharded(self, _unsharded: torch.Tensor) -> None:
         """FSDP2's unsharded parameter took a backward: one more micro-batch for ``.grad``."""
         self.pending += 1
+        if _graph_task_id() != REGISTRY.looked:
+            REGISTRY.new_backward()
 
     def on_flat(self, _flat: torch.Tensor) -> None:
         """FSDP1's flat parameter took a backward pass for this original parameter.
@@ -473,6 +500,8 @@ class Slot:
         the result when the pass ends, where `resync` reads it.
         """
         try:
+            if _graph_task_id() != REGISTRY.looked:
+                REGISTRY.new_backward()
             param = self.param_ref()
             if param is None or not param.requires_grad:
                 return
@@ -484,8 +513,10 @@ class Slot:
             if grad is not None and self._continued(grad):
                 if self.applied:
                     self.stale = True
+                self._in_window(onto=True)
                 self.fresh += 1
             else:
+                self._in_window(onto=False)
                 if self.fresh:
                     if grad is None:
                         self._discard(param)  # set to None by hand inside a window
@@ -783,8 +814,18 @@ def learn_shared(entries: list[tuple[torch.Tensor, Slot]]) -> None:
             slot.shared = True
 
 
+TRAIN = 1
+"""`Registry.mode` of a backward pass run while every watched model was in train mode."""
+EVAL = 2
+"""... while some watched model was in eval mode (``model.eval()``: validation)."""
+_TRAINING = operator.attrgetter("training")
+_ALIVE = functools.partial(operator.is_not, None)
+_LINES_KEPT = 64  # the latest backward passes whose line `Registry.line_of` knows
+
+
 class Registry:
-    """The process's slots, one per watched parameter, with reference counts."""
+    """The process's slots, one per watched parameter, with reference counts; and the
+    backward passes: their number, the watched models' mode in each, where each ran."""
 
     def __init__(self) -> None:
         self._slots: dict[int, Slot] = {}
@@ -798,6 +839,14 @@ class Registry:
         self.looked = -1  # the backward (graph task) that last looked
         # Where the user's code called the last backward (``loss.backward()``).
         self.backward_at: Location | None = None
+        # The backward passes so far, numbered from 1, and the mode of the running one
+        # (TRAIN or EVAL; 0 with no model watched): slots note both (`Slot.since`).
+        self.passes = 0
+        self.mode = 0
+        self.models: list[weakref.ref[torch.nn.Module]] = []  # every guard's models
+        self._lines: dict[int, Location | None] = {}  # pass -> its user line, the latest ones
+        # (pass, mode, line) where the mode changed: the first pass of each run of one mode.
+        self._turns: list[tuple[int, int, Location | None]] = []
         # Whether a process group is up, as of the last step, clear or guard
         # created: read per parameter in the hook, so not asked of torch there.
         self.distributed = _distributed()
@@ -824,15 +873,47 @@ class Registry:
         return slot
 
     def new_backward(self) -> None:
-        """A backward pass began writing gradients: note where the user called it, and hook
-        the watched parameters unfrozen since last looked at (once per pass)."""
+        """A backward pass began writing gradients: number it, note the watched models'
+        mode and where the user called it, and hook the watched parameters unfrozen since
+        last looked at (once per pass)."""
         self.looked = _graph_task_id()
+        self.passes += 1
         # Its hooks run in the calling thread on the CPU; on a CUDA device thread
         # no user frame is on the stack, and nothing is noted.
-        where = user_location(2)
-        self.backward_at = where if where.filename and not where.library else None
+        user = user_location(2)
+        self.backward_at = where = user if user.filename and not user.library else None
+        self._lines[self.passes] = where
+        self._lines.pop(self.passes - _LINES_KEPT, None)
+        models = list(filter(_ALIVE, map(_DEREF, self.models)))
+        mode = 0 if not models else TRAIN if all(map(_TRAINING, models)) else EVAL
+        if mode != self.mode:
+            self.mode = mode
+            self._turns = [*self._turns[-_LINES_KEPT:], (self.passes, mode, where)]
         if self.frozen:
             self.hook_unfrozen()
+
+    def line_of(self, backward: int) -> Location | None:
+        """Where the user called backward pass number ``backward``, if among the latest."""
+        return self._lines.get(backward)
+
+    def turned(self, mode: int, until: int) -> Location | None:
+        """Where the latest run of backward passes in ``mode`` up to pass ``until`` began."""
+        for start, turned_to, where in reversed(self._turns):
+            if start <= until and turned_to == mode:
+                return where
+        return None
+
+    def watch_models(self, models: list[torch.nn.Module]) -> list[weakref.ref[torch.nn.Module]]:
+        """Note these models' mode in every backward pass from now on; returns the
+        references to hand back to `unwatch_models`."""
+        refs = [weakref.ref(m) for m in models]
+        self.models = [r for r in self.models if r() is not None] + refs
+        return refs
+
+    def unwatch_models(self, refs: list[weakref.ref[torch.nn.Module]]) -> None:
+        """Stop noting the models `watch_models` returned these references for."""
+        drop = set(map(id, refs))
+        self.models = [r for r in self.models if id(r) not in drop and r() is not None]
 
     def hook_unfrozen(self) -> None:
         """Hook the watched parameters unfrozen since they were last looked at."""
@@ -899,6 +980,9 @@ class Registry:
             if slot.finalizer is not None:
                 slot.finalizer.detach()
         self.looked = -1
+        self.passes = self.mode = 0
+        self.backward_at = None
+        self.models, self._lines, self._turns = [], {}, []
 
     def __len__(self) -> int:
         return len(self._slots)

@@ -73,6 +73,7 @@ DEFERRED_MODULES = {
     "test_clearing_bugs",
     "test_correct_loops",
     "test_cost",
+    "test_foreign",
     "test_health",
     "test_logs",
     "test_norms",

@@ -459,3 +459,43 @@ def test_a_strict_finding_shows_pythons_traceback_up_to_the_step(
     frames = _traceback(plain.stderr, torch_frame)
     assert frames[-1] == "    opt.step()"
     assert _traceback(guarded.stderr, "gradguard.ClearedBeforeStepError (mode=strict") == frames
+
+
+# -- zero code ------------------------------------------------------------------------
+
+VALIDATION_LEAK = """
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+for epoch in range(2):
+    model.train()
+    for _ in range(3):
+        x = torch.randn(8, 4)
+        nn.functional.mse_loss(model(x), x[:, :1]).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    for _ in range(2):
+        x = torch.randn(8, 4)
+        nn.functional.mse_loss(model(x), x[:, :1]).backward()  # validation, never cleared
+"""
+
+
+def test_the_runner_finds_the_validation_leak_with_no_code_change(tmp_path, subprocess_env):
+    """``gradguard run`` finds the model itself: the JSON record names the validation
+    backward, and strict mode fails the run."""
+    script, log = tmp_path / "train.py", tmp_path / "run.jsonl"
+    script.write_text(VALIDATION_LEAK)
+    run = ("-m", "gradguard", "run")
+    logged = _python(*run, "--log-json", str(log), str(script), cwd=tmp_path, env=subprocess_env)
+    assert logged.returncode == 0, logged.stderr
+    (record,) = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("code")]
+    assert (record["code"], record["step"]) == ("GG106", 4)
+    assert (record["written_at"], record["location"]) == ("train.py:18", "train.py:13")
+    assert record["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    strict = _python(*run, "--mode", "strict", str(script), cwd=tmp_path, env=subprocess_env)
+    assert strict.returncode == 1
+    assert "GG106 foreign-gradient" in strict.stderr.splitlines()[-1]
