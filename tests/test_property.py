@@ -49,6 +49,24 @@ What the events mean for the findings:
   unfrozen.
 * ``grow`` adds a layer to the loss and its parameters to the optimizer with
   ``add_param_group``; from then on they are judged like the others.
+
+A second optimizer steps a discriminator, ``disc``, on the model's output, as
+in a GAN: ``backward_through`` runs through both (the generator's loss),
+``backward_disc`` through ``disc`` only (its input detached); ``step2`` and
+``opt2_zero`` are its step and clear. ``eval``/``train`` switch the model's
+mode, so a backward can run in eval mode (validation). The reference tracks,
+per parameter, the window of backward passes accumulated since its last step
+or clear, and derives GG106 from its definitions:
+
+* the window holds a pass in eval mode and one in train mode (the validation
+  leak);
+* the pass that began the window is one the other optimizer stepped (it began
+  or ended a window of the other's parameters at that step), before the
+  window's last pass ran, and no pass from that last one on wrote into the
+  other optimizer's parameters (the GAN leak).
+
+Where a gradient was written by hand into the window, or holds NaN and was
+changed in place, gradguard may miss or add GG106.
 """
 
 from __future__ import annotations
@@ -87,6 +105,13 @@ OPS = st.sampled_from(
         "step",
         "step",
         "step",
+        "backward_through",
+        "backward_disc",
+        "step2",
+        "step2",
+        "opt2_zero",
+        "eval",
+        "train",
     ]
 )
 
@@ -128,8 +153,25 @@ class Ref:
     member: bool = True  # the optimizer holds the parameter
     trainable: bool = True  # requires_grad
     nan: bool = False  # it holds NaN
+    # GG106: the backward passes since the last step or clear (0: one before watching),
+    # the modes they ran in (True: train), and whether a hand wrote into the window.
+    # ``unsure``: the window was written by hand, or a backward joined it after it was
+    # changed in place (gradguard then takes the backward for one beginning a window).
+    # ``unseen``: the window was zeroed in place where no wrapper sees, so gradguard
+    # still counts its passes as what a step applies, until the device says zeros.
+    window: list[int] = dataclasses.field(default_factory=list)
+    modes: set[bool] = dataclasses.field(default_factory=set)
+    unsure: bool = False
+    unseen: bool = False
 
-    def backward(self, *, nan: bool = False) -> None:
+    def backward(self, *, nan: bool = False, backward: int = 0, train: bool = True) -> None:
+        if not self.new:
+            self.window, self.modes, self.unsure = [], set(), False
+        elif self.moved:
+            self.unsure = True
+        self.unseen = False
+        self.window.append(backward)
+        self.modes.add(train)
         self.blind_stale = self.blind_stale or (self.moved and self.applied_in)
         self.nan = nan or (self.has and self.nan)
         self.has = self.content = self.new = True
@@ -137,6 +179,7 @@ class Ref:
         self.masked_stale = self.rewritten = False
 
     def clear(self, *, to_none: bool, seen: bool, watched: bool = False) -> None:
+        self.unseen = self.new and not seen
         if self.new:
             self.lost = True
         if self.new or self.lost:
@@ -163,6 +206,7 @@ class Ref:
             self.lost_seen = False
         self.has = self.content = self.moved = True
         self.nan = nan
+        self.unsure = self.unsure or self.new
         self._rewrite(in_place=in_place)
 
     def _rewrite(self, *, in_place: bool) -> None:
@@ -183,6 +227,7 @@ class Ref:
         # What is in .grad when gradguard starts watching came from a backward
         # no step of this optimizer applied.
         self.new = self.content = self.has
+        self.window, self.modes = [0] if self.has else [], set()
         self.applied_in = self.lost = self.lost_seen = self.lost_watched = False
         self.moved = self.blind_stale = self.handmade = self.rewritten = self.masked_stale = False
         self.member = True
@@ -199,6 +244,7 @@ class Ref:
         return self.new or self.handmade or by_hand
 
     def step(self) -> None:
+        self.unseen = False
         self.applied_in = self.has and self.content
         self.new = self.lost = self.lost_seen = self.lost_watched = False
         self.moved = self.handmade = self.masked_stale = self.rewritten = False
@@ -231,24 +277,90 @@ def expected(
     return {"GG101": stale, "GG102": cleared}, may_miss, may_add, gg103
 
 
-def apply(
-    op: str,
-    net: FuzzNet,
-    opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    refs: list[Ref],
-    batch,
-    poisoned: bool,
-) -> None:
-    """Run ``op`` on the real model and mirror it in the reference.
+@dataclasses.dataclass
+class World:
+    """The real models and optimizers of one example, and the reference's view of them.
 
-    ``poisoned``: a step applied NaN, so the weights, and every gradient from
-    now on, are NaN.
+    ``refs`` mirror the model's parameters (the first optimizer's, ``opt``), ``drefs``
+    the discriminator's (``opt2``'s). Backward passes are numbered from 1; ``wrote``
+    says which parameters each wrote (1: ``opt``'s, 2: ``opt2``'s), ``stepped`` which
+    passes each optimizer's steps applied, as the window ends of its parameters then.
     """
+
+    net: FuzzNet
+    disc: torch.nn.Linear
+    opt: torch.optim.Optimizer
+    opt2: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    refs: list[Ref]
+    drefs: list[Ref]
+    batch: tuple[torch.Tensor, torch.Tensor]
+    poisoned: bool = False  # a step of ``opt`` applied NaN: the model's weights are NaN
+    poisoned2: bool = False  # ... of ``opt2``: the discriminator's
+    passes: int = 0
+    wrote: dict[int, set[int]] = dataclasses.field(default_factory=dict)
+    # (optimizer, passes it surely applied, passes gradguard may take it to have, passes before)
+    stepped: list[tuple[int, set[int], set[int], int]] = dataclasses.field(default_factory=list)
+
+    def backward(self, net: list[int], disc: list[int], *, nan: bool, nan_disc: bool) -> None:
+        """One backward pass writing the model's parameters ``net`` and the discriminator's."""
+        self.passes += 1
+        train = self.net.training
+        for i in net:
+            self.refs[i].backward(nan=nan, backward=self.passes, train=train)
+        for i in disc:
+            self.drefs[i].backward(nan=nan_disc, backward=self.passes, train=train)
+        self.wrote[self.passes] = ({1} if net else set()) | ({2} if disc else set())
+
+    def note_step(self, owner: int) -> None:
+        """The optimizer ``owner`` is about to step: the passes it applies."""
+        refs = self.refs if owner == 1 else self.drefs
+        ends = [{r.window[0], r.window[-1]} for r in refs if r.member and r.trainable and r.window]
+        sure = set().union(*[e for e, r in zip(ends, _windowed(refs), strict=True) if r.new])
+        maybe = set().union(*ends)
+        self.stepped.append((owner, sure, maybe, self.passes))
+
+    def foreign(self, owner: int) -> tuple[set[int], set[int], set[int]]:
+        """GG106 at ``owner``'s step: the parameters it must report, may miss, may add."""
+        refs = self.refs if owner == 1 else self.drefs
+        other = 3 - owner
+        must, may_miss, may_add = set(), set(), set()
+        for i, r in enumerate(refs):
+            if not (r.member and r.trainable and r.window) or r.unhooked:
+                continue
+            blind = r.unsure or (r.nan and r.moved) or r.unseen
+            if not (r.new and r.has and r.content) and not blind:
+                continue
+            first, last = r.window[0], r.window[-1]
+            later = any(other in self.wrote[b] for b in range(last, self.passes + 1))
+            sure = maybe = r.modes == {True, False}
+            if 0 < first < last and not later:
+                sure = sure or any(
+                    o == other and first in s and at < last for o, s, _, at in self.stepped
+                )
+                maybe = maybe or any(
+                    o == other and first in m and at < last for o, _, m, at in self.stepped
+                )
+            if sure and not blind:
+                must.add(i)
+            if maybe or sure:
+                may_add.add(i)
+            if blind:
+                may_miss.add(i)
+        return must, may_miss, may_add
+
+
+def _windowed(refs: list[Ref]) -> list[Ref]:
+    return [r for r in refs if r.member and r.trainable and r.window]
+
+
+def apply(op: str, w: World) -> None:
+    """Run ``op`` on the real models and mirror it in the reference."""
+    net, opt, refs, batch, poisoned = w.net, w.opt, w.refs, w.batch, w.poisoned
     params = list(net.parameters())
     written = [i for i, r in enumerate(refs) if r.trainable and (r.member or i not in EXTRA)]
     hooking = ("backward", "backward_head", "scaler_skip", "opt_zero", "opt_zero_inplace")
-    if op in hooking or (op == "grow" and not net.grown):
+    if op in (*hooking, "backward_through") or (op == "grow" and not net.grown):
         # gradguard hooks an unfrozen parameter at the next step, optimizer
         # clear, add_param_group (growing again adds none), or backward into
         # a parameter it hooked.
@@ -256,26 +368,34 @@ def apply(
             r.unhooked = r.unhooked and not r.trainable
     if op == "backward":
         loss_of(net, batch).backward()
-        for i in written:
-            refs[i].backward(nan=poisoned)
+        w.backward(written, [], nan=poisoned, nan_disc=False)
     elif op == "backward_head":
         x, y = batch
         torch.nn.functional.mse_loss(net.head(net.encoder(x).detach()), y).backward()
-        for i in HEAD:
-            refs[i].backward(nan=poisoned)
+        w.backward(list(HEAD), [], nan=poisoned, nan_disc=False)
+    elif op in ("backward_through", "backward_disc"):
+        # A GAN's generator loss through the discriminator, and the discriminator's own.
+        out = net(batch[0])
+        through = op == "backward_through"
+        w.disc(out if through else out.detach()).pow(2).mean().backward()
+        nan = poisoned or w.poisoned2
+        w.backward(written if through else [], [0, 1], nan=nan, nan_disc=nan)
     elif op == "scaler_skip":
         # An AMP iteration whose loss overflowed: the scaler unscales the
         # gradients (to NaN), finds them non-finite and skips the step.
-        scaler.scale(loss_of(net, batch) * float("inf")).backward()
-        scaler.step(opt)
-        scaler.update()
-        for i in written:
-            refs[i].backward(nan=True)
+        w.scaler.scale(loss_of(net, batch) * float("inf")).backward()
+        w.scaler.step(opt)
+        w.scaler.update()
+        w.backward(written, [], nan=True, nan_disc=False)
     elif op in ("opt_zero", "opt_zero_inplace"):
         opt.zero_grad(set_to_none=op == "opt_zero")
         for r in refs:
             if r.member:
                 r.clear(to_none=op == "opt_zero", seen=True, watched=True)
+    elif op == "opt2_zero":
+        w.opt2.zero_grad()
+        for r in w.drefs:
+            r.clear(to_none=True, seen=True, watched=True)
     elif op in ("model_zero", "model_zero_inplace"):
         net.zero_grad(set_to_none=op == "model_zero")
         for r in refs:
@@ -296,7 +416,6 @@ def apply(
     elif op in ("write", "assign"):
         # Gradients computed by hand (torch.autograd.grad, per-sample
         # gradients), copied into .grad or assigned to it.
-        x, y = batch
         trainable = [i for i, p in enumerate(params) if p.requires_grad and not refs[i].unhooked]
         outputs = torch.autograd.grad(
             loss_of(net, batch), [params[i] for i in trainable], allow_unused=True
@@ -319,6 +438,55 @@ def apply(
         net.encoder.requires_grad_(op == "unfreeze")
         for i in ENCODER:
             refs[i].trainable = op == "unfreeze"
+    elif op in ("eval", "train"):
+        net.train(op == "train")
+
+
+Expected = dict[int, tuple]
+"""Per step of one optimizer: what it must, may not, or may also report, and the context."""
+
+
+def _check(expectations: Expected, fired: list[gradguard.Finding], names: list[str]) -> None:
+    """Judged when its device results arrived (at once on the CPU, later under
+    `device_results`), each finding names the step it is about."""
+    for step, (must, may_miss, may_add, gg103, context) in expectations.items():
+        got = {code: set() for code in ("GG101", "GG102", "GG103", "GG106")}
+        for f in fired:
+            if f.code in got and f.step == step:
+                got[f.code] |= {names.index(p) for p in f.params} or {-1}
+        for code in ("GG101", "GG102", "GG106"):
+            assert must[code] - may_miss[code] <= got[code] <= must[code] | may_add[code], (
+                code,
+                step,
+                context,
+            )
+        assert bool(got["GG103"]) == gg103 or (gg103 and may_miss["GG103"]), (
+            "GG103",
+            step,
+            context,
+        )
+
+
+def _expect(w: World, owner: int, context: str) -> tuple:
+    must, may_miss, may_add, gg103 = expected(w.refs if owner == 1 else w.drefs)
+    must["GG106"], may_miss["GG106"], may_add["GG106"] = w.foreign(owner)
+    return (must, may_miss, may_add, gg103, context)
+
+
+def _step(w: World, owner: int) -> None:
+    """Step optimizer ``owner``, and what it applied in the reference."""
+    refs = w.refs if owner == 1 else w.drefs
+    w.note_step(owner)
+    (w.opt if owner == 1 else w.opt2).step()
+    nan = any(r.member and r.has and r.nan for r in refs)
+    if owner == 1:
+        w.poisoned = w.poisoned or nan
+    else:
+        w.poisoned2 = w.poisoned2 or nan
+    for r in refs:
+        r.unhooked = r.unhooked and not r.trainable
+        if r.member:
+            r.step()
 
 
 @settings(
@@ -352,6 +520,18 @@ def apply(
     momentum=False,
     frozen=False,
 )
+@example(
+    # The GAN leak: the generator's backward, left in the discriminator's gradients.
+    ops=["backward_through", "step", "opt_zero", "backward_disc", "step2"],
+    momentum=False,
+    frozen=False,
+)
+@example(
+    # The validation leak: a backward in eval mode, then training's, then a step.
+    ops=["eval", "backward", "train", "backward", "step"],
+    momentum=False,
+    frozen=False,
+)
 @given(
     ops=st.lists(OPS, min_size=1, max_size=24),
     momentum=st.booleans(),
@@ -361,54 +541,45 @@ def test_random_sequences_match_the_reference(ops, momentum, frozen):
     """Per step, gradguard reports what the reference says, up to the documented blind spots."""
     torch.manual_seed(0)
     net = FuzzNet()
+    disc = torch.nn.Linear(2, 1)
     if frozen:  # frozen before the optimizer exists: no hook until unfrozen
         net.encoder.requires_grad_(False)
     body = [p for n, p in net.named_parameters() if not n.startswith("extra.")]
-    opt = torch.optim.SGD(body, lr=0.1, momentum=0.9 if momentum else 0.0)
-    scaler = torch.amp.GradScaler("cpu")
+    w = World(
+        net=net,
+        disc=disc,
+        opt=torch.optim.SGD(body, lr=0.1, momentum=0.9 if momentum else 0.0),
+        opt2=torch.optim.SGD(disc.parameters(), lr=0.1),
+        scaler=torch.amp.GradScaler("cpu"),
+        refs=[
+            Ref(
+                member=i not in EXTRA,
+                trainable=not (frozen and i in ENCODER),
+                unhooked=frozen and i in ENCODER,
+            )
+            for i in range(6)
+        ],
+        drefs=[Ref(), Ref()],
+        batch=(torch.randn(8, 4), torch.randn(8, 2)),
+    )
     names = [n for n, _ in net.named_parameters()]
-    refs = [
-        Ref(
-            member=i not in EXTRA,
-            trainable=not (frozen and i in ENCODER),
-            unhooked=frozen and i in ENCODER,
-        )
-        for i in range(6)
-    ]
-    batch = (torch.randn(8, 4), torch.randn(8, 2))
-    poisoned = False
-    expectations = {}  # step -> what it must, may not, or may also report
+    expectations: Expected = {}
+    expectations2: Expected = {}
     with (
-        gradguard.guarding(opt, model=net, mode="log", check_numerics=False) as g,
+        gradguard.guarding(w.opt, model=net, mode="log", check_numerics=False) as g,
+        gradguard.guarding(w.opt2, model=disc, mode="log", check_numerics=False) as g2,
         gradguard.testing.record(g) as fired,
+        gradguard.testing.record(g2) as fired2,
     ):
         for n, op in enumerate(ops):
-            if op != "step":
-                apply(op, net, opt, scaler, refs, batch, poisoned)
-                continue
-            context = f"ops={ops[: n + 1]} frozen={frozen} refs={refs}"
-            expectations[len(expectations) + 1] = (*expected(refs), context)
-            opt.step()
-            poisoned = poisoned or any(r.member and r.has and r.nan for r in refs)
-            for r in refs:
-                r.unhooked = r.unhooked and not r.trainable
-                if r.member:
-                    r.step()
-    # Judged when its device results arrived (at once on the CPU, later under
-    # `device_results`), each finding names the step it is about.
-    for step, (must, may_miss, may_add, gg103, context) in expectations.items():
-        got = {code: set() for code in ("GG101", "GG102", "GG103")}
-        for f in fired:
-            if f.code in got and f.step == step:
-                got[f.code] |= {names.index(p) for p in f.params} or {-1}
-        for code in ("GG101", "GG102"):
-            assert must[code] - may_miss[code] <= got[code] <= must[code] | may_add[code], (
-                code,
-                step,
-                context,
-            )
-        assert bool(got["GG103"]) == gg103 or (gg103 and may_miss["GG103"]), (
-            "GG103",
-            step,
-            context,
-        )
+            context = f"ops={ops[: n + 1]} frozen={frozen} refs={w.refs} drefs={w.drefs}"
+            if op == "step":
+                expectations[len(expectations) + 1] = _expect(w, 1, context)
+                _step(w, 1)
+            elif op == "step2":
+                expectations2[len(expectations2) + 1] = _expect(w, 2, context)
+                _step(w, 2)
+            else:
+                apply(op, w)
+    _check(expectations, fired, names)
+    _check(expectations2, fired2, ["weight", "bias"])
