@@ -182,3 +182,68 @@ def test_callback_rejects_bad_options_at_construction():
         GradGuardCallback(mode="strcit")
     with pytest.raises(TypeError):
         GradGuardCallback(check_ranks_every="2")
+
+
+class GAN(pl.LightningModule):
+    """Manual optimization of a GAN: the generator's update, then the discriminator's,
+    each cleared after its own step. ``toggle``: each update under
+    ``toggle_optimizer``, which freezes the other model's parameters (the fix)."""
+
+    def __init__(self, toggle: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.toggle = toggle
+        self.generator = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.discriminator = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def _update(self, opt, loss_of) -> None:
+        if self.toggle:
+            self.toggle_optimizer(opt)
+        self.manual_backward(loss_of())
+        opt.step()
+        opt.zero_grad()
+        if self.toggle:
+            self.untoggle_optimizer(opt)
+
+    def training_step(self, batch, batch_idx):
+        real, z = batch
+        opt_g, opt_d = self.optimizers()
+        bce = nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
+        self._update(opt_g, lambda: bce(self.discriminator(self.generator(z)), ones))
+        fake = self.generator(z).detach()
+        self._update(
+            opt_d,
+            lambda: bce(self.discriminator(real), ones) + bce(self.discriminator(fake), zeros),
+        )
+
+    def configure_optimizers(self):
+        return (
+            torch.optim.Adam(self.generator.parameters(), lr=1e-3),
+            torch.optim.Adam(self.discriminator.parameters(), lr=1e-3),
+        )
+
+
+def test_a_gan_under_toggle_optimizer_is_silent():
+    """``toggle_optimizer`` keeps the generator's backward out of the discriminator."""
+    assert run_installed(GAN(toggle=True)) == []
+    callback = GradGuardCallback(mode="strict")
+    fit(GAN(toggle=True), callback)
+    assert callback.findings == []
+
+
+def test_a_gan_without_toggle_optimizer_leaks_the_generators_gradient():
+    """Lightning 0.5's GAN template: the discriminator's steps apply the generator's loss
+    too (GG106), named with the discriminator's parameters."""
+    callback = GradGuardCallback(mode="log")
+    fit(GAN(toggle=False), callback)
+    found = [f for f in callback.findings if f.code == "GG106"]
+    assert [f.params for f in found] == [
+        (
+            "discriminator.0.weight",
+            "discriminator.0.bias",
+            "discriminator.2.weight",
+            "discriminator.2.bias",
+        )
+    ]
+    assert [f.code for f in callback.findings] == ["GG106"]
