@@ -94,6 +94,21 @@ def _wrapper_frames(limit: int = 64) -> list[dict[str, Any]]:
     return out
 
 
+def callback_handler(callback: object) -> Any:
+    """The transformers ``CallbackHandler`` calling ``callback`` now, if one is on the stack.
+
+    The Trainer hands its callbacks neither itself nor its handler; the
+    handler's ``call_event`` is the frame that runs each of them.
+    """
+    for f in _wrapper_frames():
+        handler = f.get("self")
+        if _named(handler, "CallbackHandler") and any(
+            c is callback for c in getattr(handler, "callbacks", ())
+        ):
+            return handler
+    return None
+
+
 def _named(obj: object, name: str) -> bool:
     return any(c.__name__ == name for c in type(obj).__mro__)
 

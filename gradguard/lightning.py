@@ -18,14 +18,9 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from gradguard._api import attach, guard_of
-from gradguard._config import OPTION_NAMES, make_options
-from gradguard._findings import Finding
-from gradguard._guard import Guard
-from gradguard._tally import SummaryRow
+from gradguard._callbacks import CallbackGuards
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback
@@ -49,7 +44,7 @@ else:
 __all__ = ["GradGuardCallback"]
 
 
-class GradGuardCallback(Callback):
+class GradGuardCallback(CallbackGuards, Callback):
     """Guard the Trainer's optimizers for the length of each ``fit``.
 
     Args:
@@ -64,46 +59,10 @@ class GradGuardCallback(Callback):
         TypeError, ValueError: a bad option, at construction.
     """
 
-    def __init__(
-        self, *, mode: str | None = None, ignore: Iterable[str] | None = None, **options: Any
-    ) -> None:
-        super().__init__()
-        unknown = sorted(set(options) - set(OPTION_NAMES))
-        if unknown:
-            raise TypeError(
-                f"GradGuardCallback() got an unknown option {unknown[0]!r}; "
-                f"it takes {', '.join(OPTION_NAMES)}"
-            )
-        # Checked here, not in fit; a mode or codes left out come from the session then.
-        checked = make_options(mode="warn" if mode is None else mode, ignore=ignore, **options)
-        self.mode = mode
-        self.ignore = None if ignore is None else sorted(checked.ignore)
-        self.options = options
-        self.guards: list[Guard] = []
-        self._owned: list[Guard] = []
-
-    @property
-    def findings(self) -> list[Finding]:
-        """Every distinct finding of this callback's guards, guard by guard."""
-        return [f for g in self.guards for f in g.findings]
-
-    def summary(self) -> list[SummaryRow]:
-        """Per guard and code: count, first step, first location and the fix."""
-        return [row for g in self.guards for row in g.summary()]
-
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Attach a guard to each of the Trainer's optimizers."""
-        options = dict(self.options)
         accumulate = getattr(trainer, "accumulate_grad_batches", 1)
-        if isinstance(accumulate, int) and accumulate > 1:
-            options.setdefault("accumulation_steps", accumulate)
-        self.guards, self._owned = [], []
-        for optimizer in trainer.optimizers:
-            existing = guard_of(optimizer)
-            g = attach(optimizer, model=pl_module, mode=self.mode, ignore=self.ignore, **options)
-            self.guards.append(g)
-            if existing is None:
-                self._owned.append(g)
+        self._attach(trainer.optimizers, pl_module, accumulate)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Report anything pending and remove the guards this callback attached."""
@@ -116,14 +75,3 @@ class GradGuardCallback(Callback):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Remove the guards if nothing else did."""
         self._close()
-
-    def _close(self, reraise: bool = True) -> None:
-        owned, self._owned = self._owned, []
-        error: BaseException | None = None
-        for g in owned:
-            try:
-                g.close()
-            except Exception as exc:  # a strict finding still being computed
-                error = error or exc
-        if error is not None and reraise:
-            raise error

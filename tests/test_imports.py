@@ -187,6 +187,26 @@ def _heavy_imports() -> str:
     return f"print('heavy imports:', *[m for m in {_HEAVY!r} if m in sys.modules] or ['none'])\n"
 
 
+def test_the_transformers_callback_without_transformers_says_what_to_install() -> None:
+    """`gradguard.transformers`, which `import gradguard` leaves out, raises an ImportError
+    naming the package to install where transformers is missing, before importing torch."""
+    proc = _python(
+        "import sys\n"
+        "sys.modules['transformers'] = None  # as if not installed\n"
+        "import gradguard\n"
+        "assert 'gradguard.transformers' not in sys.modules\n"
+        "try:\n"
+        "    import gradguard.transformers\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+        f"{_heavy_imports()}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    said, imported = proc.stdout.splitlines()
+    assert said.startswith("gradguard.transformers needs transformers: pip install transformers")
+    assert imported == _NONE_HEAVY
+
+
 def _cli(*args: str) -> str:
     """A program that runs the ``gradguard`` command with ``args`` and says what it imported."""
     return (

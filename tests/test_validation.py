@@ -129,12 +129,20 @@ def test_guard_options(net: torch.nn.Module, entry: str, row: Row) -> None:
     _assert_untouched(opt, net)
 
 
+CALLBACKS = ["gradguard.lightning", "gradguard.transformers"]
+
+
+def _callback(module: str) -> Any:
+    """``module``'s GradGuardCallback; the test is skipped where its framework is missing."""
+    return pytest.importorskip(module, exc_type=ImportError).GradGuardCallback
+
+
 @pytest.mark.parametrize("row", OPTIONS, ids=str)
-def test_lightning_callback_options(row: Row) -> None:
+@pytest.mark.parametrize("module", CALLBACKS)
+def test_callback_options(module: str, row: Row) -> None:
     """GradGuardCallback checks the same options, with the same words, at construction."""
-    lightning = pytest.importorskip("gradguard.lightning", exc_type=ImportError)
     with pytest.raises(row.error) as exc:
-        lightning.GradGuardCallback(**row.kwargs)
+        _callback(module)(**row.kwargs)
     _assert_says(exc, row)
 
 
@@ -148,18 +156,18 @@ def test_lightning_callback_options(row: Row) -> None:
     ),
     ids=str,
 )
-def test_lightning_callback_arguments(row: Row) -> None:
+@pytest.mark.parametrize("module", CALLBACKS)
+def test_callback_arguments(module: str, row: Row) -> None:
     """An empty or falsy mode is no default, and an unknown option is named with the known."""
-    lightning = pytest.importorskip("gradguard.lightning", exc_type=ImportError)
     with pytest.raises(row.error) as exc:
-        lightning.GradGuardCallback(**row.kwargs)
+        _callback(module)(**row.kwargs)
     _assert_says(exc, row)
 
 
-def test_lightning_callback_takes_codes_as_a_string() -> None:
-    """``ignore="GG101,GG103"`` is two codes, not ten letters to be rejected inside fit."""
-    lightning = pytest.importorskip("gradguard.lightning", exc_type=ImportError)
-    assert lightning.GradGuardCallback(ignore="gg101,GG103").ignore == ["GG101", "GG103"]
+@pytest.mark.parametrize("module", CALLBACKS)
+def test_callback_takes_codes_as_a_string(module: str) -> None:
+    """``ignore="GG101,GG103"`` is two codes, not ten letters to be rejected inside training."""
+    assert _callback(module)(ignore="gg101,GG103").ignore == ["GG101", "GG103"]
 
 
 # -- what is not an optimizer ------------------------------------------------------------
