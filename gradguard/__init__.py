@@ -46,6 +46,8 @@ from gradguard._findings import CATALOGUE, Finding
 from gradguard._tally import SummaryRow
 
 if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
     from gradguard._api import guard, guard_of, guarding, unguard
     from gradguard._guard import Guard
     from gradguard._session import install, uninstall
@@ -97,11 +99,32 @@ __all__ = [
     "guard_of",
     "guarding",
     "install",
+    "load_ipython_extension",
     "unguard",
     "uninstall",
+    "unload_ipython_extension",
 ]
 
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython: InteractiveShell) -> None:
+    """``%load_ext gradguard``: guard every optimizer the notebook steps, and add ``%gradguard``.
+
+    IPython calls it; ``%gradguard strict|warn|log|off`` then sets the mode and
+    ``%gradguard summary`` prints what was found. torch is imported here,
+    at the first use, as for `install`.
+    """
+    from gradguard._notebook import load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: InteractiveShell) -> None:
+    """``%unload_ext gradguard``: stop guarding and remove ``%gradguard``."""
+    from gradguard._notebook import unload
+
+    unload(ipython)
 
 
 def _import_on_use(name: str) -> object:

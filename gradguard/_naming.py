@@ -10,7 +10,8 @@ import sys
 import sysconfig
 import types
 import weakref
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import Any, NamedTuple
 
@@ -100,6 +101,50 @@ def _kind(filename: str) -> int:
     return _LIBRARY if _is_internal(filename) else _USER
 
 
+CodeNamer = Callable[[str], str | None]
+"""Gives the code compiled under a file name the name a person knows it by, or ``None``."""
+
+
+class CodeNames:
+    """Names for code with no file of its own, such as a notebook's cells.
+
+    IPython compiles each cell under a made-up file name
+    (``/tmp/ipykernel_4242/1870.py``); the notebook extension adds a namer that
+    knows it as ``cell In[3]``, so a finding reads ``cell In[3]:5``. Asked only
+    when a location is shown, never in a step that finds nothing.
+    """
+
+    def __init__(self) -> None:
+        # An OrderedDict, as torch's hook tables are: a handle refers to it weakly.
+        self._namers: OrderedDict[int, CodeNamer] = OrderedDict()
+
+    def add(self, namer: CodeNamer) -> RemovableHandle:
+        """Ask ``namer`` from now on, before the namers added earlier; ``remove()`` stops it."""
+        handle = RemovableHandle(self._namers)
+        self._namers[handle.id] = namer
+        return handle
+
+    def name(self, filename: str) -> str | None:
+        """What the newest namer that knows ``filename`` calls it; ``None`` when none does."""
+        for namer in reversed(list(self._namers.values())):
+            try:
+                name = namer(filename)
+            except Exception:  # a shell torn down under us: the file name will do
+                continue
+            if name:
+                return name
+        return None
+
+    def clear(self) -> None:
+        self._namers.clear()
+
+    def __len__(self) -> int:
+        return len(self._namers)
+
+
+CODE_NAMES = keep("code names", CodeNames())
+
+
 class Location(NamedTuple):
     """Where in the user's code something happened.
 
@@ -117,7 +162,8 @@ class Location(NamedTuple):
         if self.library:
             where = _package_path(self.filename)
             return f"no line of yours on the stack, library code at {where}:{self.lineno}"
-        return f"{_display_path(self.filename)}:{self.lineno}"
+        name = CODE_NAMES.name(self.filename) if CODE_NAMES else None
+        return f"{name or _display_path(self.filename)}:{self.lineno}"
 
 
 @functools.lru_cache(maxsize=4096)

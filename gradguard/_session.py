@@ -302,6 +302,10 @@ class Session:
                 note=f"gradguard does not watch {type(opt).__name__}; training continues",
             )
 
+    def watched(self) -> list[torch.optim.Optimizer]:
+        """The live optimizers this session has seen step."""
+        return list(self._seen)
+
     def _on_finding(self, finding: Finding, first: bool) -> None:
         if first:
             self.findings.append(finding)
@@ -483,12 +487,36 @@ def install(
             ``record_norms`` without ``log_json``. Either way the session
             already running, if any, is left as it was.
     """
+    _install(mode, log_json=log_json, ignore=ignore, record_norms=record_norms, summary=True)
+
+
+def install_quietly(mode: str = "warn") -> None:
+    """`install` with ``mode`` alone, printing no summary of the session it replaces.
+
+    For the notebook extension, which counts findings across its mode changes
+    and prints its summary when asked.
+
+    Raises:
+        ValueError: unknown mode; the session running, if any, is left as it was.
+    """
+    _install(mode, log_json=None, ignore=None, record_norms=False, summary=False)
+
+
+def _install(
+    mode: object,
+    *,
+    log_json: object,
+    ignore: object,
+    record_norms: object,
+    summary: bool,
+) -> None:
+    """`install`'s work; with ``summary``, the session replaced prints its summary."""
     setting = validate_setting(mode)
     codes = validate_codes(ignore)
-    validate_bool("record_norms", record_norms)
+    norms = validate_bool("record_norms", record_norms)
     if log_json is not None:
         resolve_path(log_json)  # checked even where it is not opened: "off", a followed child
-    if record_norms and log_json is None:
+    if norms and log_json is None:
         raise ValueError(
             "record_norms=True needs log_json=PATH: the norms are written to the JSON log"
         )
@@ -498,14 +526,13 @@ def install(
     if setting == "off":
         pass
     elif parent is not None:
-        session = Session(
-            setting, ignore=codes, record_norms=record_norms, child_of=parent.directory
-        )
+        session = Session(setting, ignore=codes, record_norms=norms, child_of=parent.directory)
     else:
-        session = Session(
-            setting, ignore=codes, log_json=log_json, record_norms=record_norms, follow=True
-        )
-    uninstall()
+        session = Session(setting, ignore=codes, log_json=log_json, record_norms=norms, follow=True)
+    if summary:
+        uninstall()
+    else:
+        stop_installed()
     if parent is not None:
         leave_parent_run()
     if session is None:
@@ -520,15 +547,32 @@ def uninstall() -> list[SummaryRow]:
 
     Guards created by `gradguard.guard` stay in place.
     """
-    session, _SESSIONS.installed = _SESSIONS.installed, None
+    session = _SESSIONS.installed
     if session is None:
         return []
-    atexit.unregister(_at_exit)
     try:
-        session.stop()
+        stop_installed()
     finally:
         session.print_summary()
     return session.summary()
+
+
+def stop_installed() -> Session | None:
+    """Stop what `install` started, printing nothing; return the session stopped, if any.
+
+    Raises what `Session.stop` raises, once the session is stopped.
+    """
+    session, _SESSIONS.installed = _SESSIONS.installed, None
+    if session is None:
+        return None
+    atexit.unregister(_at_exit)
+    session.stop()
+    return session
+
+
+def installed() -> Session | None:
+    """The session `install` started, while it runs."""
+    return _SESSIONS.installed
 
 
 def _at_exit() -> None:

@@ -127,13 +127,14 @@ def test_no_import_cycle_among_gradguards_modules() -> None:
 
 
 def test_importing_gradguard_does_not_import_torch() -> None:
-    """`import gradguard` and its exception classes, `Finding` and `CATALOGUE` leave torch out."""
+    """`import gradguard`, its errors, `Finding` and `CATALOGUE` leave torch and IPython out."""
     proc = _python(
         "import sys, gradguard\n"
         "assert gradguard.GradGuardError.__module__ == 'gradguard'\n"
         "assert gradguard.CATALOGUE['GG101'].name == 'stale-gradient'\n"
         "assert gradguard.Finding and gradguard.SummaryRow\n"
         "assert 'torch' not in sys.modules, 'import gradguard imported torch'\n"
+        "assert 'IPython' not in sys.modules, 'import gradguard imported IPython'\n"
     )
     assert proc.returncode == 0, proc.stderr
 
