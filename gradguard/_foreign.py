@@ -40,6 +40,7 @@ MIXED = TRAIN | EVAL
 _SINCE = operator.attrgetter("since")
 _LAST = operator.attrgetter("last")
 _FRESH = operator.attrgetter("fresh")
+_MODES = operator.attrgetter("modes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,28 +93,42 @@ class Foreign:
         LIVE.pop(id(self), None)
 
     def _validation(self, params: list[torch.Tensor], slots: list[Slot]) -> list[Leak]:
-        mixed = [(p, s) for p, s in zip(params, slots, strict=True) if s.modes == MIXED]
-        if not mixed:
+        if MIXED not in map(_MODES, slots):  # at C speed: the usual answer
             return []
+        mixed = [(p, s) for p, s in zip(params, slots, strict=True) if s.modes == MIXED]
         where = REGISTRY.turned(EVAL, max(s.last for _, s in mixed))
         detail = "a validation backward in eval mode, then training's added to it"
         return [Leak([p for p, _ in mixed], where, detail)]
 
     def _gan(self, params: list[torch.Tensor], slots: list[Slot]) -> list[Leak]:
         """Windows begun by a pass another optimizer stepped before a later pass joined it,
-        when no pass from that later one on wrote into the other optimizer's parameters."""
-        windows = [(p, s) for p, s in zip(params, slots, strict=True) if 0 < s.since < s.last]
-        if not windows:
+        when no pass from that later one on wrote into the other optimizer's parameters.
+
+        The usual steps of several optimizers sharing backward passes end at C speed:
+        no other optimizer stepped since a window began, or every window's passes also
+        wrote into the other optimizer's parameters.
+        """
+        joined = list(map(operator.lt, map(_SINCE, slots), map(_LAST, slots)))
+        if True not in joined:
             return []
-        began = {s.since for _, s in windows}
-        latest = max(s.last for _, s in windows)
+        began = set(map(_SINCE, compress(slots, joined)))
+        began.discard(0)  # a gradient there before gradguard watched: no pass to match
+        latest = max(map(_LAST, compress(slots, joined)))
         found: dict[tuple[int, str], list[torch.Tensor]] = {}
+        windows: list[tuple[torch.Tensor, Slot]] | None = None
         for entry in list(_STEPPED):
+            if entry.at >= latest or not entry.passes & began:
+                continue
             other = entry.owner()
-            if other is None or other is self or entry.at >= latest or not entry.passes & began:
+            if other is None or other is self:
                 continue
             theirs = other._slots
             written = max(map(_LAST, theirs.values()), default=0)
+            if written >= latest:
+                continue  # every window's last pass also wrote into theirs: shared
+            if windows is None:
+                pairs = compress(zip(params, slots, strict=True), joined)
+                windows = [(p, s) for p, s in pairs if s.since > 0]
             for p, s in windows:
                 if (
                     s.since in entry.passes

@@ -376,7 +376,12 @@ class Slot:
             # applied it without a clear in between makes it stale.
             if self.applied:
                 self.stale = True
-            self._in_window(onto=True)
+            # `_in_window`, inline: this runs per parameter at every accumulating backward.
+            if self.fresh:
+                self.last, self.modes = REGISTRY.passes, self.modes | REGISTRY.mode
+            else:
+                self.since = self.last = REGISTRY.passes
+                self.modes = REGISTRY.mode
             self.fresh += 1
         elif same and version == self.version:
             return  # recorded already, by `catch_up` at a step inside this backward

@@ -351,3 +351,26 @@ def test_python_work_counter_sees_the_per_tensor_path(monkeypatch):
     monkeypatch.setattr("gradguard._checks.usual_step", lambda params, slots: None)
     lines_per_tensor = (python_work(110)[1] - python_work(10)[1]) / 100
     assert lines_per_tensor > LINES_PER_TENSOR
+
+
+def accumulated(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """Two micro-batches per step: every step is judged for foreign gradients (GG106)."""
+    opt.zero_grad()
+    for half in x.chunk(2):
+        F.mse_loss(model(half), half).backward()
+    opt.step()
+
+
+# Per tensor: two post-accumulate hooks, the second taking the accumulating path (one
+# call more); the step is sorted, and judged for GG106, at C speed.
+ACCUMULATED_CALLS_PER_TENSOR = 3.2
+ACCUMULATED_LINES_PER_TENSOR = 35
+
+
+def test_an_accumulating_step_is_judged_for_foreign_gradients_at_c_speed():
+    """Judging a window of two passes for GG106 adds no Python work per tensor beyond the
+    second backward's hook."""
+    small_calls, small_lines = python_work(10, loop=accumulated)
+    large_calls, large_lines = python_work(210, loop=accumulated)
+    assert (large_calls - small_calls) / 200 <= ACCUMULATED_CALLS_PER_TENSOR
+    assert (large_lines - small_lines) / 200 <= ACCUMULATED_LINES_PER_TENSOR
