@@ -190,13 +190,7 @@ class Reporter:
         emit_event(finding, console=self.mode != "warn")
         if self.mode == "warn":
             try:
-                warnings.warn_explicit(
-                    WARNINGS[finding.code](finding),
-                    category=WARNINGS[finding.code],
-                    filename=filename,
-                    lineno=lineno,
-                    module=_module_name(filename),
-                )
+                _warn(finding, filename, lineno)
             except GradGuardWarning:
                 raise  # the user's filters made it an error (-W error): theirs to see
             except Exception as exc:  # showing it failed (a closed stderr, the user's showwarning)
@@ -383,6 +377,44 @@ class _StderrLogger:
     info = warning = error = debug = critical = msg
 
 
-def _module_name(filename: str) -> str:
-    name = filename.rsplit("/", 1)[-1]
-    return name[:-3] if name.endswith(".py") else name
+def _warn(finding: Finding, filename: str, lineno: int) -> None:
+    """Warn ``finding`` as if the user's code at ``filename:lineno`` had called `warnings.warn`.
+
+    The warning's module is the ``__name__`` that code ran under (``mypkg.train``,
+    ``__main__``), and that module's ``__warningregistry__`` and globals go with
+    it, so ``-W``, ``filterwarnings(module=...)``, ``once`` and ``default`` treat
+    it as theirs. Where the module is not known, the file's name stands for it.
+    """
+    category = WARNINGS[finding.code]
+    module, namespace = _origin(filename)
+    registry = None
+    if namespace is not None:
+        registry = namespace.setdefault("__warningregistry__", {})
+        if not isinstance(registry, dict):  # not the registry warnings would keep there
+            registry = namespace = None
+    try:
+        warnings.warn_explicit(
+            category(finding), category, filename, lineno, module, registry, namespace
+        )
+    except GradGuardWarning:
+        raise
+    except Exception:
+        if namespace is None:
+            raise
+        # The module's loader failed to give its source line: warn without it.
+        warnings.warn_explicit(category(finding), category, filename, lineno, module, registry)
+
+
+def _origin(filename: str) -> tuple[str, dict[str, Any] | None]:
+    """The module name and globals `_warn` uses for a line of ``filename``; never raises."""
+    try:
+        # Only a guard reports a finding: torch, and the names, are imported by then.
+        from gradguard._naming import warning_origin
+
+        name, namespace = warning_origin(filename)
+    except Exception:
+        name, namespace = None, None
+    if name is None:
+        base = filename.rsplit("/", 1)[-1]
+        name = base[:-3] if base.endswith(".py") else base
+    return name, namespace
