@@ -5,7 +5,8 @@
 Importing gradguard does not import torch: the names that need it (`guard`,
 `Guard`, `install`...) import it at their first use, so code that only
 catches gradguard's errors or reads its findings (a test suite, a log
-processor) never pays for torch's import.
+processor) never pays for torch's import. `add_sink` and `SinkHandle` come
+with the log machinery, also at their first use.
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
     from gradguard._api import guard, guard_of, guarding, unguard
+    from gradguard._dispatch import SinkHandle, add_sink
     from gradguard._guard import Guard
     from gradguard._session import install, uninstall
 
-_NEED_TORCH = {
+_ON_USE = {
     "Guard": "gradguard._guard",
+    "SinkHandle": "gradguard._dispatch",
+    "add_sink": "gradguard._dispatch",
     "guard": "gradguard._api",
     "guard_of": "gradguard._api",
     "guarding": "gradguard._api",
@@ -61,7 +65,8 @@ _NEED_TORCH = {
     "unguard": "gradguard._api",
     "uninstall": "gradguard._session",
 }
-"""The public names whose modules import torch, and those modules."""
+"""The public names imported at their first use, and their modules: all but
+`_dispatch` import torch."""
 
 __all__ = [
     "CATALOGUE",
@@ -86,6 +91,7 @@ __all__ = [
     "NonFiniteGradientWarning",
     "RankDivergenceError",
     "RankDivergenceWarning",
+    "SinkHandle",
     "StaleGradientError",
     "StaleGradientWarning",
     "StepWithoutBackwardError",
@@ -95,6 +101,7 @@ __all__ = [
     "UnoptimizedParameterWarning",
     "UnusedParameterError",
     "UnusedParameterWarning",
+    "add_sink",
     "guard",
     "guard_of",
     "guarding",
@@ -128,8 +135,8 @@ def unload_ipython_extension(ipython: InteractiveShell) -> None:
 
 
 def _import_on_use(name: str) -> object:
-    """The module attribute ``name``, importing its module (and torch) the first time."""
-    module = _NEED_TORCH.get(name)
+    """The module attribute ``name``, importing its module (and, for most, torch) the first time."""
+    module = _ON_USE.get(name)
     if module is None:
         raise AttributeError(f"module 'gradguard' has no attribute {name!r}")
     value: object = getattr(importlib.import_module(module), name)
@@ -144,4 +151,4 @@ if not TYPE_CHECKING:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_NEED_TORCH})
+    return sorted({*globals(), *_ON_USE})

@@ -23,8 +23,8 @@ Mode = Literal["warn", "strict", "log"]
 MODES: tuple[Mode, ...] = ("warn", "strict", "log")
 
 Sink = Callable[[Finding, bool], None]
-"""Receives ``(finding, first)`` for every finding any guard reports; ``first`` is
-false when the finding repeats one already emitted."""
+"""Receives ``(finding, first)`` for every finding any guard reports, repeats included;
+``first`` is false when the finding repeats one already emitted."""
 
 _SINKS: dict[int, Sink] = keep("sinks", {})
 _SINK_IDS = itertools.count()
@@ -36,24 +36,52 @@ _RECORD_SINKS: dict[int, RecordSink] = keep("record sinks", {})
 
 
 class SinkHandle:
-    """Removes a sink added with `add_sink` or `add_record_sink`; ``remove()`` is idempotent."""
+    """What `add_sink` (and `add_record_sink`) returns: ``remove()`` stops the sink, and
+    is idempotent.
+
+    Also a context manager: ``with gradguard.add_sink(sink):`` removes the
+    sink when the block ends, however it ends.
+    """
 
     def __init__(self, key: int, registry: dict[int, Any] = _SINKS) -> None:
         self._key = key
         self._registry = registry
 
     def remove(self) -> None:
-        """Stop sending anything to the sink."""
+        """Stop sending anything to the sink; calling it again does nothing."""
         self._registry.pop(self._key, None)
+
+    def __enter__(self) -> SinkHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
 
 
 def add_sink(sink: Sink) -> SinkHandle:
-    """Send every finding any guard reports, from now on, to ``sink(finding, first)``.
+    """Send every finding any guard in the process reports, from now on, to ``sink``.
+
+    ``sink(finding, first)`` is called each time a finding fires, with the
+    finding as it fired then (its step, its parameters). ``first`` is true
+    the first time its guard reports that code at that place: when it is
+    warned, logged or raised; a repeat is only counted, and ``first`` is
+    false. Findings of codes a guard ignores never reach it.
 
     Sinks run before the finding is logged, warned or raised, so a strict-mode
-    finding still reaches them. A sink that raises is removed and logged once;
-    it never breaks the training step.
+    finding still reaches them. A sink may be called from any thread that
+    steps an optimizer. A sink that raises is removed and logged once; it
+    never breaks the training step.
+
+    Returns:
+        A `SinkHandle`: ``handle.remove()``, or use it as a context manager.
+
+    Raises:
+        TypeError: ``sink`` is not callable.
     """
+    if not callable(sink):
+        raise TypeError(
+            f"add_sink() needs a callable taking (finding, first); got {type(sink).__name__}"
+        )
     key = next(_SINK_IDS)
     _SINKS[key] = sink
     return SinkHandle(key)
@@ -181,7 +209,7 @@ class Reporter:
                 self._by_key[key] = finding
                 self.counts[finding] = 1
         if first is not None:
-            _notify(first, False)
+            _notify(finding, False)  # this occurrence: its own step and parameters
             return
         _notify(finding, True)
         self._emit(finding, filename, lineno)
@@ -190,13 +218,7 @@ class Reporter:
         emit_event(finding, console=self.mode != "warn")
         if self.mode == "warn":
             try:
-                warnings.warn_explicit(
-                    WARNINGS[finding.code](finding),
-                    category=WARNINGS[finding.code],
-                    filename=filename,
-                    lineno=lineno,
-                    module=_module_name(filename),
-                )
+                _warn(finding, filename, lineno)
             except GradGuardWarning:
                 raise  # the user's filters made it an error (-W error): theirs to see
             except Exception as exc:  # showing it failed (a closed stderr, the user's showwarning)
@@ -383,6 +405,44 @@ class _StderrLogger:
     info = warning = error = debug = critical = msg
 
 
-def _module_name(filename: str) -> str:
-    name = filename.rsplit("/", 1)[-1]
-    return name[:-3] if name.endswith(".py") else name
+def _warn(finding: Finding, filename: str, lineno: int) -> None:
+    """Warn ``finding`` as if the user's code at ``filename:lineno`` had called `warnings.warn`.
+
+    The warning's module is the ``__name__`` that code ran under (``mypkg.train``,
+    ``__main__``), and that module's ``__warningregistry__`` and globals go with
+    it, so ``-W``, ``filterwarnings(module=...)``, ``once`` and ``default`` treat
+    it as theirs. Where the module is not known, the file's name stands for it.
+    """
+    category = WARNINGS[finding.code]
+    module, namespace = _origin(filename)
+    registry = None
+    if namespace is not None:
+        registry = namespace.setdefault("__warningregistry__", {})
+        if not isinstance(registry, dict):  # not the registry warnings would keep there
+            registry = namespace = None
+    try:
+        warnings.warn_explicit(
+            category(finding), category, filename, lineno, module, registry, namespace
+        )
+    except GradGuardWarning:
+        raise
+    except Exception:
+        if namespace is None:
+            raise
+        # The module's loader failed to give its source line: warn without it.
+        warnings.warn_explicit(category(finding), category, filename, lineno, module, registry)
+
+
+def _origin(filename: str) -> tuple[str, dict[str, Any] | None]:
+    """The module name and globals `_warn` uses for a line of ``filename``; never raises."""
+    try:
+        # Only a guard reports a finding: torch, and the names, are imported by then.
+        from gradguard._naming import warning_origin
+
+        name, namespace = warning_origin(filename)
+    except Exception:
+        name, namespace = None, None
+    if name is None:
+        base = filename.rsplit("/", 1)[-1]
+        name = base[:-3] if base.endswith(".py") else base
+    return name, namespace

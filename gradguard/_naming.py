@@ -23,7 +23,7 @@ from torch.nn.modules.module import (
 )
 from torch.utils.hooks import RemovableHandle
 
-from gradguard._process import keep
+from gradguard._process import keep, keep_with
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
@@ -167,9 +167,44 @@ class Location(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _location(filename: str, lineno: int, library: bool = False) -> Location:
-    """The `Location` of a line, made once: a step names the same line every time."""
+def _location(
+    filename: str, lineno: int, library: bool = False, module: str | None = None, scope: int = 0
+) -> Location:
+    """The `Location` of a line, made once: a step names the same line every time.
+
+    ``module`` is the ``__name__`` in the globals the line runs in, and
+    ``scope`` their ``id``: noted for `warning_origin`. Never the globals
+    themselves: a script's hold the user's model and tensors.
+    """
+    if module is not None:
+        _MODULES[filename] = (module, scope)
     return Location(filename, lineno, library)
+
+
+def _forget_modules() -> None:
+    _MODULES.clear()
+    _location.cache_clear()  # a cached line would not note its module again
+
+
+# file -> (__name__ of the globals its code last ran in, their id)
+_MODULES: dict[str, tuple[str, int]] = keep_with("warning modules", {}, _forget_modules)
+
+
+def warning_origin(filename: str) -> tuple[str | None, dict[str, Any] | None]:
+    """The module a warning about a line of ``filename`` belongs to, as `warnings.warn`'s.
+
+    Returns the ``__name__`` of the globals that file's code ran in (``None``
+    when not known) and those globals when they are still the module's in
+    ``sys.modules`` by that name (else ``None``): its ``__warningregistry__``
+    and loader are the ones a warning raised by that code would use.
+    """
+    entry = _MODULES.get(filename)
+    if entry is None:
+        return None, None
+    name, scope = entry
+    module = sys.modules.get(name)
+    found = getattr(module, "__dict__", None) if module is not None else None
+    return name, found if isinstance(found, dict) and id(found) == scope else None
 
 
 _NOWHERE = Location("", 0)
@@ -208,20 +243,28 @@ def user_location(skip: int = 1) -> Location:
     either, an empty location.
 
     Its ``str`` shows paths under the current directory relative to it, so
-    messages read ``examples/train.py:23`` rather than an absolute path.
+    messages read ``examples/train.py:23`` rather than an absolute path. The
+    module the line runs in is noted for the warning about it (`warning_origin`).
     """
     frame: FrameType | None = sys._getframe(skip)
     fallback: FrameType | None = None
     while frame is not None:
         kind = _kind(frame.f_code.co_filename)
         if kind == _USER:
-            return _location(frame.f_code.co_filename, frame.f_lineno)
+            break
         if kind == _PACKAGE and fallback is None:
             fallback = frame
         frame = frame.f_back
-    if fallback is None:
-        return _NOWHERE
-    return _location(fallback.f_code.co_filename, fallback.f_lineno, True)
+    if frame is None:  # no line of the user's
+        if fallback is None:
+            return _NOWHERE
+        frame = fallback
+    # Inline, not a helper: a backward pass asks once, and calls are what a step counts.
+    scope = frame.f_globals
+    module = scope.get("__name__")
+    if type(module) is not str:  # only a str is a module's name, and hashable for the cache
+        module = None
+    return _location(frame.f_code.co_filename, frame.f_lineno, frame is fallback, module, id(scope))
 
 
 def step_frames(filenames: Sequence[str]) -> int:

@@ -52,6 +52,16 @@ def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     return F.mse_loss(model(x), y)
 
 
+def cleared_in_place(net: nn.Module, opt: torch.optim.Optimizer, steps: int = 3) -> None:
+    """The model cleared in place between backward and step: a GG102 only a zero check
+    on the device tells from a clip, so its finding waits for the device result."""
+    for batch in batches(steps):
+        opt.zero_grad()
+        loss_of(net, batch).backward()
+        net.zero_grad(set_to_none=False)
+        opt.step()
+
+
 @pytest.fixture
 def net() -> Net:
     """A freshly seeded `Net`."""

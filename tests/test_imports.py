@@ -75,7 +75,7 @@ def _import_graph() -> dict[str, set[str]]:
     outside_functions = [n for n in startup.body if not isinstance(n, _DEFINITIONS)]
     graph["gradguard._startup"] = _imported(ast.Module(outside_functions, []), modules)
     # The package imports these by name at their first use (PEP 562), out of the AST's sight.
-    graph["gradguard"] |= set(vars(gradguard)["_NEED_TORCH"].values())
+    graph["gradguard"] |= set(vars(gradguard)["_ON_USE"].values())
     for name, imported in graph.items():
         imported.discard(name)
     return graph
@@ -160,22 +160,28 @@ def test_guard_works_after_a_torch_free_import() -> None:
 
 
 def test_importing_the_testing_helpers_does_not_import_torch() -> None:
-    """`import gradguard.testing` leaves torch out; `record` then collects findings as before."""
+    """`import gradguard.testing`, and an empty `capture_findings` block, leave torch out;
+    `record` and `capture_findings` then collect findings as before."""
     proc = _python(
         "import sys, gradguard, gradguard.testing\n"
+        "with gradguard.testing.capture_findings() as none:\n"
+        "    pass\n"
         "assert 'torch' not in sys.modules, 'import gradguard.testing imported torch'\n"
         "import torch\n"
         "model = torch.nn.Linear(2, 1)\n"
         "opt = gradguard.guard(torch.optim.SGD(model.parameters(), lr=0.1), mode='log')\n"
-        "with gradguard.testing.record(gradguard.guard_of(opt)) as seen:\n"
+        "with (\n"
+        "    gradguard.testing.capture_findings() as captured,\n"
+        "    gradguard.testing.record(gradguard.guard_of(opt)) as seen,\n"
+        "):\n"
         "    for _ in range(2):\n"
         "        model(torch.ones(1, 2)).sum().backward()\n"
         "        opt.zero_grad()\n"
         "        opt.step()\n"
-        "print(*[f.code for f in seen])\n"
+        "print(*[f.code for f in seen], len(none), captured == seen)\n"
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["GG102", "GG102"]
+    assert proc.stdout.split() == ["GG102", "GG102", "0", "True"]
 
 
 # Each takes longer to import than all of gradguard without them.

@@ -21,7 +21,7 @@ from torch import nn
 import gradguard
 from gradguard._health import LATENESS, WAITS
 from gradguard.testing import record
-from tests.conftest import ALL, ROOT, Net, batches, loss_of
+from tests.conftest import ALL, ROOT, Net, batches, cleared_in_place, loss_of
 
 # The bug whose finding waits for the device: the model cleared in place between
 # backward and step, which only a zero check on the gradients can tell from a clip.
@@ -53,14 +53,6 @@ def _late() -> None:
     LATENESS.until_close = True  # reset by conftest's device_results fixture
 
 
-def _buggy_steps(net: Net, opt: torch.optim.Optimizer, steps: int = 3) -> None:
-    for batch in batches(steps):
-        opt.zero_grad()
-        loss_of(net, batch).backward()
-        net.zero_grad(set_to_none=False)
-        opt.step()
-
-
 def _gg102(findings: list[gradguard.Finding]) -> list[gradguard.Finding]:
     return [f for f in findings if f.code == "GG102"]
 
@@ -68,7 +60,7 @@ def _gg102(findings: list[gradguard.Finding]) -> list[gradguard.Finding]:
 def test_nothing_is_judged_before_close_under_the_switch(net: Net) -> None:
     """The switch holds results back: the entry-point tests below can fail."""
     opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="log")
-    _buggy_steps(net, opt)
+    cleared_in_place(net, opt)
     g = gradguard.guard_of(opt)
     assert g is not None
     assert g.findings == []
@@ -78,7 +70,7 @@ def test_nothing_is_judged_before_close_under_the_switch(net: Net) -> None:
 
 def test_unguard_reports_what_is_pending(net: Net) -> None:
     opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="log")
-    _buggy_steps(net, opt)
+    cleared_in_place(net, opt)
     g = gradguard.unguard(opt)
     assert g is not None
     (finding,) = _gg102(g.findings)
@@ -90,14 +82,14 @@ def test_unguard_reports_what_is_pending(net: Net) -> None:
 def test_the_end_of_guarding_reports_what_is_pending(net: Net) -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with gradguard.guarding(opt, model=net, mode="log") as g:
-        _buggy_steps(net, opt)
+        cleared_in_place(net, opt)
         assert g.findings == []
     assert [(f.step, f.params) for f in _gg102(g.findings)] == [(2, ALL)]
 
 
 def test_settle_reports_what_is_pending_without_closing(net: Net) -> None:
     opt = gradguard.guard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, mode="log")
-    _buggy_steps(net, opt)
+    cleared_in_place(net, opt)
     g = gradguard.guard_of(opt)
     assert g is not None
     g.settle()
@@ -111,7 +103,7 @@ def test_record_keeps_every_late_finding_of_its_block(net: Net) -> None:
     g = gradguard.guard_of(opt)
     assert g is not None
     with record(g) as seen:
-        _buggy_steps(net, opt)
+        cleared_in_place(net, opt)
     assert [(f.code, f.step) for f in seen] == [("GG102", 2), ("GG102", 3)]
     gradguard.unguard(opt)
 
@@ -122,7 +114,7 @@ def test_the_optimizer_being_collected_reports_what_is_pending(net: Net) -> None
     g = gradguard.guard_of(opt)
     assert g is not None
     g._reporter.listeners.append(seen.append)
-    _buggy_steps(net, opt)
+    cleared_in_place(net, opt)
     del opt
     gc.collect()
     assert g.closed
@@ -134,10 +126,10 @@ def test_uninstall_reports_the_pending_results_of_every_guard(net: Net) -> None:
     gradguard.install(mode="log")
     try:
         discovered = torch.optim.SGD(net.parameters(), lr=0.1)
-        _buggy_steps(net, discovered)
+        cleared_in_place(net, discovered)
         other = Net()
         user = gradguard.guard(torch.optim.Adam(other.parameters()), model=other, mode="log")
-        _buggy_steps(other, user)
+        cleared_in_place(other, user)
     finally:
         rows = gradguard.uninstall()
     (row,) = [r for r in rows if r.code == "GG102"]
