@@ -245,7 +245,11 @@ def fused_loop(wrap: Wrap, *, micro: int, bug: str | None = None, steps: int = 5
     model = FusedProjections()
     opt = wrap(torch.optim.AdamW(model.parameters(), lr=1e-3), model)
     batches = iter(data(steps * micro, 6, 4))
-    for _ in range(steps):
+    for step in range(steps):
+        if bug == "validation-backward" and step == 2:
+            model.eval()  # a validation batch backpropagated, and nothing clears it
+            model(torch.ones(6, 4)).pow(2).mean().backward()
+            model.train()
         for m in range(micro):
             if bug == "clear-every-micro-batch" or (bug == "clear-inside-window" and m == 1):
                 opt.zero_grad()
@@ -269,6 +273,14 @@ def test_concatenated_parameters_still_report_a_missing_zero_grad(micro):
     """The buggy twin: GG101 at step 2, naming every concatenated parameter."""
     got = findings(lambda wrap: fused_loop(wrap, micro=micro, bug="no-zero-grad"))
     assert got[0] == ("GG101", 2, FUSED)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_concatenated_parameters_still_report_a_validation_leak(micro):
+    """Slices of one buffer (the shared path): an eval-mode backward added to training's
+    is GG106 at the step that applies both."""
+    got = findings(lambda wrap: fused_loop(wrap, micro=micro, bug="validation-backward"))
+    assert got == [("GG106", 3, FUSED)]
 
 
 def test_concatenated_parameters_still_report_a_clear_inside_the_window():
