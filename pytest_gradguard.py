@@ -1,64 +1,65 @@
 """pytest plugin: run a test suite with every optimizer guarded.
 
 Registered through the ``pytest11`` entry point, so every pytest run in an
-environment with gradguard loads it. It lives outside the ``gradguard``
-package so that loading it imports nothing of gradguard's: until a test asks
-for gradguard (``--gradguard``, the ``gradguard`` ini key, ``GRADGUARD``, the
-marker or the ``gradguard_findings`` fixture) nothing here imports gradguard
-or torch.
+environment with gradguard loads it. It registers a flag and an ini key for
+each option of gradguard's one table (``gradguard._config.OPTIONS``, which
+imports no torch) and reads ``[tool.gradguard]`` from the ``pyproject.toml``
+at or above the rootdir. torch is imported only once a test runs with
+gradguard on (``--gradguard``, the ``gradguard`` ini key or ``[tool.gradguard]``
+mode, ``GRADGUARD``, the marker or the ``gradguard_findings`` fixture).
 
-Precedence for the mode: marker > command line > environment > ini > off.
+Precedence, for every option: a ``guard(...)`` argument in the test's code >
+marker > command line > environment > ini > ``[tool.gradguard]`` > default
+(for the mode: off). A marker's ``ignore`` adds to the run's.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import re
 import sys
 import types
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
 if TYPE_CHECKING:
+    from gradguard._config import Given, Option
     from gradguard._findings import Finding
     from gradguard._session import Session
 
-_T = TypeVar("_T")
-
-MODES = ("strict", "warn", "log", "off")
-ENV_VAR = "GRADGUARD"
 FIXTURE = "gradguard_findings"
 
 MODE_HELP = (
     "gradguard mode for every test: strict (a finding fails the test), warn (findings "
     "appear in the warnings summary), log (log events only) or off (the default). "
     "@pytest.mark.gradguard(mode=...) overrides it per test; the command line wins "
-    "over the GRADGUARD environment variable, which wins over the ini value."
-)
-IGNORE_HELP = "gradguard finding codes never reported, e.g. GG103 or GG101,GG103"
-LOG_JSON_HELP = (
-    "file for one JSON object per gradguard finding per line, created when the run "
-    "starts; {rank} becomes the process's rank"
+    "over the GRADGUARD environment variable, which wins over the ini value, which wins "
+    "over [tool.gradguard] in pyproject.toml."
 )
 MARKER_HELP = (
-    "gradguard(mode=None, ignore=()): run this test with gradguard in mode strict, warn, "
-    "log or off (default: the run's mode, strict if that is off), also ignoring these codes"
+    "gradguard(mode=None, ignore=(), **options): run this test with gradguard in mode "
+    "strict, warn, log or off (default: the run's mode, strict if that is off), also "
+    "ignoring these codes, with any other option of gradguard.guard"
 )
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The run's gradguard configuration and where its mode came from."""
+    """The run's gradguard options, checked, and where each came from."""
 
-    mode: str
-    source: str
-    ignore: tuple[str, ...]
-    ignore_source: str
-    log_json: str | None
-    log_source: str
+    given: Given
+
+    @property
+    def mode(self) -> str:
+        return str(self.given.values.get("mode", "off"))
+
+    @property
+    def log_json(self) -> str | None:
+        path = self.given.values.get("log_json")
+        return None if path is None else str(path)
 
 
 _SETTINGS: pytest.StashKey[Settings] = pytest.StashKey()
@@ -66,98 +67,75 @@ _LOG: pytest.StashKey[Any] = pytest.StashKey()
 _SESSION: pytest.StashKey[Session | None] = pytest.StashKey()
 
 
+def _help(option: Option) -> str:
+    return MODE_HELP if option.name == "mode" else f"gradguard: {option.help}"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
+    from gradguard._config import OPTIONS  # the table alone: no torch
+
     group = parser.getgroup("gradguard", "catch gradient-handling bugs in PyTorch training loops")
-    group.addoption("--gradguard", metavar="MODE", default=None, help=MODE_HELP)
-    parser.addini("gradguard", MODE_HELP)
-    group.addoption("--gradguard-ignore", metavar="CODES", default=None, help=IGNORE_HELP)
-    parser.addini("gradguard_ignore", IGNORE_HELP)
-    group.addoption("--gradguard-log-json", metavar="PATH", default=None, help=LOG_JSON_HELP)
-    parser.addini("gradguard_log_json", LOG_JSON_HELP)
+    for option in OPTIONS:
+        how: dict[str, Any] = (
+            {"action": argparse.BooleanOptionalAction}
+            if option.boolean
+            else {"metavar": "MODE" if option.name == "mode" else option.metavar}
+        )
+        group.addoption(
+            option.pytest_flag, dest=option.ini, default=None, help=_help(option), **how
+        )
+        parser.addini(option.ini, _help(option))
 
 
 class _BadSetting(ValueError):
     """A gradguard setting with a bad value; the message names where it came from."""
 
 
-def _validate_mode(value: object, where: str) -> str:
-    """``value`` as a mode; a bad one gets the error gradguard gives it anywhere."""
-    if isinstance(value, str) and value.strip().lower() in MODES:
-        return value.strip().lower()
-    from gradguard._config import parse_setting  # only a bad value pays; torch stays out
+def _settings(config: pytest.Config) -> Settings:
+    """Resolve the run's options: command line > environment > ini > ``[tool.gradguard]``.
 
-    return _canonical(parse_setting, value, where)
-
-
-def _split_codes(value: object, where: str) -> tuple[str, ...]:
-    """Codes from ``"GG101,GG103"`` or a list, checked for shape; the catalogue is checked later.
-
-    A value of the wrong shape gets the error gradguard gives it anywhere.
+    Raises:
+        _BadSetting: a bad value, naming where it came from.
     """
-    if isinstance(value, str):
-        items: list[object] = [c for c in re.split(r"[\s,]+", value) if c]
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        items = [value]
-    if isinstance(value, (str, list, tuple)) and all(
-        isinstance(code, str) and re.fullmatch(r"GG\d{3}", code.upper()) for code in items
-    ):
-        return tuple(str(c).upper() for c in items)
-    from gradguard._dispatch import validate_codes
+    from gradguard._config import (
+        OPTIONS,
+        from_environment,
+        from_pyproject,
+        from_text,
+        layered,
+        needs_log,
+    )
 
-    return tuple(sorted(_canonical(validate_codes, value, where)))
-
-
-def _canonical(check: Callable[[object, str], _T], value: object, where: str) -> _T:
-    """``check(value, where)``, its TypeError or ValueError turned into a usage error."""
+    cli = {o.name: config.getoption(o.ini) for o in OPTIONS}
+    ini = {o.name: config.getini(o.ini) for o in OPTIONS}
+    # Paths in the ini file are relative to it, like pytest's own path settings.
+    base = config.inipath.parent if config.inipath else config.rootpath
     try:
-        return check(value, where)
+        given = layered(
+            from_pyproject(str(config.rootpath)),
+            from_text(
+                {k: v for k, v in ini.items() if v not in ("", [], None)},
+                lambda o: f"ini option {o.ini}",
+                "ini",
+                base=str(base),
+            ),
+            from_environment(os.environ),
+            from_text(
+                {k: v for k, v in cli.items() if v is not None},
+                lambda o: f"the {o.pytest_flag} option",
+                "command line",
+            ),
+        )
+        needs_log(given, "--gradguard-log-json PATH")
     except (TypeError, ValueError) as exc:
         raise _BadSetting(f"gradguard: {exc}") from None
-
-
-def _settings(config: pytest.Config) -> Settings:
-    """Resolve the run's settings: command line > environment > ini > default."""
-    cli = config.getoption("gradguard")
-    env = os.environ.get(ENV_VAR, "").strip()
-    ini = config.getini("gradguard")
-    if cli is not None:
-        mode, source = _validate_mode(cli, "the --gradguard option"), "command line"
-    elif env:
-        mode, source = _validate_mode(env, f"the {ENV_VAR} environment variable"), "environment"
-    elif ini:
-        mode, source = _validate_mode(ini, "ini option gradguard"), "ini"
-    else:
-        mode, source = "off", "default"
-
-    ignore_cli = config.getoption("gradguard_ignore")
-    if ignore_cli is not None:
-        ignore_source = "the --gradguard-ignore option"
-        ignore = _split_codes(ignore_cli, ignore_source)
-    else:
-        ignore_source = "ini option gradguard_ignore"
-        ignore = _split_codes(config.getini("gradguard_ignore") or "", ignore_source)
-
-    log_json = config.getoption("gradguard_log_json")
-    log_source = "the --gradguard-log-json option"
-    if log_json is None:
-        log_source = "ini option gradguard_log_json"
-        ini_log = config.getini("gradguard_log_json")
-        if ini_log:
-            # Relative to the ini file, like pytest's own path settings.
-            base = config.inipath.parent if config.inipath else config.rootpath
-            log_json = os.path.join(str(base), str(ini_log))
-    return Settings(mode, source, ignore, ignore_source, log_json, log_source)
+    return Settings(given)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     try:
         settings = _settings(config)
-        if settings.mode != "off" and settings.ignore:
-            # Only a run that uses gradguard pays for importing it.
-            _check_codes(settings.ignore, settings.ignore_source)
     except _BadSetting as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_SETTINGS] = settings
@@ -166,7 +144,7 @@ def pytest_configure(config: pytest.Config) -> None:
         from gradguard._jsonlog import JsonLog
 
         try:
-            log = JsonLog(settings.log_json, settings.log_source)
+            log = JsonLog(settings.log_json, settings.given.where["log_json"])
         except (TypeError, ValueError) as exc:
             raise pytest.UsageError(f"gradguard: {exc}") from None
         # Records too: a test's guard(..., record_norms=True) writes its norms here.
@@ -182,57 +160,61 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         log.close()
 
 
-def _check_codes(codes: tuple[str, ...], where: str) -> frozenset[str]:
-    """Check ``codes`` against the catalogue; imports gradguard, not torch."""
-    from gradguard._dispatch import validate_codes
-
-    return _canonical(validate_codes, codes, where)
-
-
 def pytest_report_header(config: pytest.Config) -> str | None:
+    from gradguard._config import OPTIONS
+
     settings = config.stash[_SETTINGS]
     if settings.mode == "off" and not settings.log_json:
         return None
-    parts = [f"mode={settings.mode} (from {settings.source})"]
-    if settings.ignore:
-        parts.append(f"ignore={','.join(settings.ignore)}")
-    if settings.log_json:
-        parts.append(f"log-json={settings.log_json}")
+    given = settings.given
+    parts = [f"mode={settings.mode} (from {given.layer.get('mode', 'default')})"]
+    for option in OPTIONS[1:]:
+        if option.name in given.values:
+            value = given.values[option.name]
+            shown = ",".join(sorted(value)) if isinstance(value, frozenset) else value
+            parts.append(f"{option.flag[2:]}={shown}")
     return "gradguard: " + ", ".join(parts)
 
 
-def _item_mode(item: pytest.Item, settings: Settings) -> tuple[str, frozenset[str]]:
-    """This test's mode and ignored codes: marker, then the fixture, then the run's.
+def _item_options(item: pytest.Item, settings: Settings) -> tuple[str, dict[str, object]]:
+    """This test's mode and guard options: marker, then the fixture, then the run's.
 
-    The codes are checked against the catalogue only when the test runs guarded.
+    Raises:
+        _BadSetting: a bad marker argument, naming the marker and the test.
     """
-    mode = settings.mode
+    from gradguard._config import GUARD_OPTIONS, from_values, unknown_names
+
+    options = settings.given.guard_options()
+    mode = str(options.pop("mode", "off"))
     marker = item.get_closest_marker("gradguard")
-    marked = None
-    marked_ignore: tuple[str, ...] = ()
-    ignore_source = f"@pytest.mark.gradguard(ignore=...) on {item.nodeid}"
+    marked: dict[str, object] = {}
     if marker is not None:
         where = f"@pytest.mark.gradguard on {item.nodeid}"
-        unknown = set(marker.kwargs) - {"mode", "ignore"}
-        if unknown or len(marker.args) > 1:
-            raise _BadSetting(
-                f"gradguard: {where} takes mode= and ignore=; got "
-                f"args {marker.args!r}, kwargs {sorted(marker.kwargs)!r}"
-            )
-        given = marker.kwargs.get("mode", marker.args[0] if marker.args else None)
-        if given is not None:
-            marked = _validate_mode(given, f"@pytest.mark.gradguard(mode=...) on {item.nodeid}")
-        marked_ignore = _split_codes(marker.kwargs.get("ignore", ()), ignore_source)
-    if marked is not None:
-        mode = marked
+        kwargs = dict(marker.kwargs)
+        try:
+            if len(marker.args) > 1 or (marker.args and "mode" in kwargs):
+                raise TypeError(f"{where} takes the mode once; got args {marker.args!r}")
+            if marker.args:
+                kwargs["mode"] = marker.args[0]
+            unknown_names(kwargs, where, GUARD_OPTIONS)
+            marked = from_values(
+                kwargs,
+                lambda o: f"@pytest.mark.gradguard({o.name}=...) on {item.nodeid}",
+                "marker",
+                options=GUARD_OPTIONS,
+            ).values
+        except (TypeError, ValueError) as exc:
+            raise _BadSetting(f"gradguard: {exc}") from None
+    if "mode" in marked:
+        mode = str(marked.pop("mode"))
     elif FIXTURE in getattr(item, "fixturenames", ()):
         mode = "log"  # like recwarn: a test that inspects findings records them
     elif marker is not None and mode == "off":
         mode = "strict"
-    if mode == "off":
-        return mode, frozenset()
-    codes = _check_codes(settings.ignore, settings.ignore_source)
-    return mode, codes | _check_codes(marked_ignore, ignore_source)
+    if "ignore" in marked:  # a marker's codes add to the run's
+        run_codes = cast("frozenset[str]", options.get("ignore", frozenset()))
+        marked["ignore"] = run_codes | cast("frozenset[str]", marked["ignore"])
+    return mode, {**options, **marked}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -240,7 +222,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     item.stash[_SESSION] = None
     problem: str | None = None
     try:
-        mode, codes = _item_mode(item, item.config.stash[_SETTINGS])
+        mode, options = _item_options(item, item.config.stash[_SETTINGS])
     except _BadSetting as exc:
         problem = str(exc)
     if problem is not None:  # failed outside the except block: pytest shows the message once
@@ -250,7 +232,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     from gradguard._dispatch import validate_mode
     from gradguard._session import Session
 
-    session = Session(validate_mode(mode), ignore=codes)
+    session = Session(validate_mode(mode), options=options)
     session.start()
     item.stash[_SESSION] = session
 
@@ -277,7 +259,7 @@ def pytest_runtest_makereport(
     excinfo = call.excinfo
     if (
         excinfo is not None
-        and "gradguard" in sys.modules
+        and "gradguard._guard" in sys.modules  # no guard, no finding's error
         and not item.config.getoption("fulltrace", False)
     ):
         _end_at_the_step(excinfo)

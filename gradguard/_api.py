@@ -2,8 +2,9 @@
 
 They check their arguments where they are passed, then create, find or close
 the optimizer's `Guard` (``gradguard._guard``), which owns the hooks. A guard
-created without ``mode=``, ``ignore=`` or ``record_norms=`` takes them from
-the active session (`gradguard._config.session_defaults`).
+takes every option its call left out from the active session
+(`gradguard._config.session_defaults`): ``gradguard run``, `gradguard.install`,
+the pytest plugin.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from gradguard._config import Options, describe, make_options, session_defaults
+from gradguard._config import Options, describe, make_options, passed, session_defaults, unset
 from gradguard._dispatch import _log, has_record_sinks
 from gradguard._guard import _GUARDS, _LOCK, _PROPAGATE, Guard
 from gradguard._integrations import accumulation_steps as framework_accumulation
@@ -73,47 +74,39 @@ def _checked(
     optimizer: object,
     *,
     model: object = None,
-    mode: object = None,
-    ignore: object = None,
-    record_norms: object = None,
     caller: str = "guard",
     **options: object,
-) -> tuple[torch.optim.Optimizer, list[nn.Module], Options]:
+) -> tuple[torch.optim.Optimizer, list[nn.Module], Options, dict[str, object]]:
     """Every argument of `guard` checked, before anything is attached; raises naming the bad one.
 
-    ``mode``, ``ignore`` and ``record_norms`` left as ``None`` come from the
-    active `install` session (the runner, the pytest plugin), else
-    ``"warn"``, nothing and ``False``.
+    Returns the optimizer, the models, the options and those of them the
+    call gave. An option left out (``None`` for ``mode``, ``ignore`` and
+    ``record_norms``) comes from the active session (the runner, `install`,
+    the pytest plugin), else its default.
     """
     opt = _check_optimizer(optimizer, caller)
-    defaults = session_defaults()
-    checked = make_options(
-        mode=defaults.mode if mode is None else mode,
-        ignore=defaults.ignore if ignore is None else ignore,
-        record_norms=defaults.record_norms if record_norms is None else record_norms,
-        **options,
-    )
-    return opt, _models(model), checked
+    given = passed(options)
+    make_options(**given)  # the call's own values first: an error names what it passed
+    checked = make_options(**{**session_defaults(), **given})
+    return opt, _models(model), checked, given
 
 
 def attach(
     optimizer: object,
     *,
     model: nn.Module | Iterable[nn.Module] | None = None,
-    mode: str | None = None,
-    ignore: Iterable[str] | None = None,
-    record_norms: bool | None = None,
     judge_first_step: bool = True,
     **options: Any,
 ) -> Guard:
     """Validate the arguments and return the optimizer's guard, creating it if needed.
 
-    See `_checked` for what the arguments left as ``None`` mean.
+    See `_checked` for the options left out. The accumulation window a
+    framework drives the optimizer with (Accelerate, Lightning, the
+    transformers Trainer) is the code's: it wins over a session's, not over
+    the call's.
     """
-    opt, models, checked = _checked(
-        optimizer, model=model, mode=mode, ignore=ignore, record_norms=record_norms, **options
-    )
-    if checked.accumulation_steps is None:
+    opt, models, checked, given = _checked(optimizer, model=model, **options)
+    if given.get("accumulation_steps") is None:
         steps = framework_accumulation(opt, optimizer)
         if steps is not None:
             checked = dataclasses.replace(checked, accumulation_steps=steps)
@@ -139,16 +132,21 @@ def guard(
     model: nn.Module | Iterable[nn.Module] | None = None,
     mode: str | None = None,
     ignore: Iterable[str] | None = None,
-    accumulation_steps: int | None = None,
-    check_numerics: bool = True,
-    numerics_every: int | None = None,
-    explode_factor: float = 100.0,
-    max_grad_norm: float | None = None,
-    unused_after: int = 20,
+    accumulation_steps: int | None = unset("accumulation_steps"),
+    check_numerics: bool = unset("check_numerics"),
+    numerics_every: int | None = unset("numerics_every"),
+    explode_factor: float = unset("explode_factor"),
+    max_grad_norm: float | None = unset("max_grad_norm"),
+    unused_after: int = unset("unused_after"),
     record_norms: bool | None = None,
-    check_ranks_every: int | None = None,
+    check_ranks_every: int | None = unset("check_ranks_every"),
 ) -> OptimizerT:
     """Watch ``optimizer`` for gradient-handling bugs and return it unchanged.
+
+    Every option left out takes the value the active session gives it
+    (``gradguard run``, `gradguard.install`, the pytest plugin, each with
+    what ``[tool.gradguard]``, the environment and the command line say),
+    else the default shown; an option passed here always wins.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; the same object comes back.
@@ -201,14 +199,14 @@ def guarding(
     model: nn.Module | Iterable[nn.Module] | None = None,
     mode: str | None = None,
     ignore: Iterable[str] | None = None,
-    accumulation_steps: int | None = None,
-    check_numerics: bool = True,
-    numerics_every: int | None = None,
-    explode_factor: float = 100.0,
-    max_grad_norm: float | None = None,
-    unused_after: int = 20,
+    accumulation_steps: int | None = unset("accumulation_steps"),
+    check_numerics: bool = unset("check_numerics"),
+    numerics_every: int | None = unset("numerics_every"),
+    explode_factor: float = unset("explode_factor"),
+    max_grad_norm: float | None = unset("max_grad_norm"),
+    unused_after: int = unset("unused_after"),
     record_norms: bool | None = None,
-    check_ranks_every: int | None = None,
+    check_ranks_every: int | None = unset("check_ranks_every"),
 ) -> contextlib.AbstractContextManager[Guard]:
     """Guard ``optimizer`` inside a ``with`` block; every hook is removed on exit, even on error.
 

@@ -2,7 +2,7 @@
 
 Parent side: `Follow` makes a private directory holding a copy of
 ``_startup.py`` as ``sitecustomize.py``, puts it first on ``PYTHONPATH`` and
-describes the run (mode, ignored codes, ``record_norms``, its own pid) in
+describes the run (every guard option it sets, its own pid) in
 ``GRADGUARD_CHILDREN``, both in ``os.environ``, so every Python process
 started from then on inherits them: multiprocessing's spawn and forkserver
 children, ``subprocess`` runs of python, torchrun's workers. At the end,
@@ -31,10 +31,11 @@ import shutil
 import sys
 import tempfile
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
-from gradguard._dispatch import Mode, validate_codes, validate_mode
+from gradguard._config import make_options
+from gradguard._dispatch import Mode
 from gradguard._findings import Finding
 from gradguard._jsonlog import JsonLog
 from gradguard._process import keep
@@ -57,34 +58,34 @@ class Settings:
     """What a followed child needs to know of the run: from ``GRADGUARD_CHILDREN``."""
 
     directory: str
-    mode: Mode
-    ignore: frozenset[str]
-    record_norms: bool
+    options: Mapping[str, object]
+    """Every guard option the run sets, checked: its mode always."""
     owner: int
 
+    @property
+    def mode(self) -> Mode:
+        return cast(Mode, self.options["mode"])
+
     def to_env(self) -> str:
-        return json.dumps(
-            {
-                "dir": self.directory,
-                "mode": self.mode,
-                "ignore": sorted(self.ignore),
-                "record_norms": self.record_norms,
-                "owner": self.owner,
-            }
-        )
+        options = {k: _jsonable(v) for k, v in self.options.items()}
+        return json.dumps({"dir": self.directory, "options": options, "owner": self.owner})
 
     @classmethod
     def from_env(cls, text: str) -> Settings:
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("dir"), str):
             raise ValueError(f"{ENV_VAR} holds no run directory: {text!r}")
-        return cls(
-            directory=data["dir"],
-            mode=validate_mode(data.get("mode"), ENV_VAR),
-            ignore=validate_codes(data.get("ignore"), ENV_VAR),
-            record_norms=data.get("record_norms") is True,
-            owner=int(data.get("owner", 0)),
-        )
+        given = data.get("options")
+        if not isinstance(given, dict) or "mode" not in given:
+            raise ValueError(f"{ENV_VAR} holds no options: {text!r}")
+        checked = make_options(**given)  # raises naming the bad option
+        options = {name: getattr(checked, name) for name in given}
+        return cls(directory=data["dir"], options=options, owner=int(data.get("owner", 0)))
+
+
+def _jsonable(value: object) -> object:
+    """An option's value as JSON holds it: the ignored codes as a sorted list."""
+    return sorted(value) if isinstance(value, frozenset) else value
 
 
 # -- parent side ---------------------------------------------------------------
@@ -93,7 +94,7 @@ class Settings:
 class Follow:
     """From now on, Python processes started from this one are guarded and report to it."""
 
-    def __init__(self, mode: Mode, ignore: frozenset[str], record_norms: bool) -> None:
+    def __init__(self, options: Mapping[str, object]) -> None:
         self.directory = tempfile.mkdtemp(prefix="gradguard-")
         hook = os.path.join(self.directory, "sitecustomize.py")
         try:
@@ -104,7 +105,7 @@ class Follow:
             shutil.rmtree(self.directory, ignore_errors=True)
             raise
         self._saved = {name: os.environ.get(name) for name in (ENV_VAR, _PATH_VAR)}
-        self._value = Settings(self.directory, mode, ignore, record_norms, os.getpid()).to_env()
+        self._value = Settings(self.directory, options, os.getpid()).to_env()
         path = self._saved[_PATH_VAR]
         os.environ[ENV_VAR] = self._value
         os.environ[_PATH_VAR] = self.directory + (os.pathsep + path if path else "")

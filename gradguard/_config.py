@@ -1,7 +1,18 @@
-"""Guard options and a run's mode setting, validated where they are passed.
+"""Guard options: the one table every entry point reads, and one check of each value.
 
-Torch-free, so that ``gradguard run --help`` and a bad mode given to the
-pytest plugin are answered without importing torch.
+`OPTIONS` has a row per option: its check, how it is read from text (a
+flag, an environment variable, an ini value), and the name it goes by in
+each place (``--accumulation-steps``, ``GRADGUARD_ACCUMULATION_STEPS``,
+``gradguard_accumulation_steps``, ``accumulation_steps`` in
+``[tool.gradguard]``). Each source gives a `Given`: the values it set,
+checked, and where each came from, which a bad value's error names. The
+entry points lay them over each other, lowest first (`layered`):
+``[tool.gradguard]``, the environment, the command line, then the pytest
+marker or `gradguard.install`; a session holds the result, and a guard takes
+from it only what its own call left out (`passed`).
+
+Torch-free, so that ``gradguard run --help``, a bad value on the command
+line and the pytest plugin are answered without importing torch.
 """
 
 from __future__ import annotations
@@ -9,16 +20,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
+import re
+import sys
 import threading
-from collections.abc import Callable
-from typing import Literal, NamedTuple, Protocol, cast
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol, cast
 
 from gradguard._dispatch import MODES, Mode, validate_choice, validate_codes, validate_mode
+from gradguard._jsonlog import resolve_path
 from gradguard._process import keep
 
 Setting = Literal["warn", "strict", "log", "off"]
 """What a run, `gradguard.install` or the pytest plugin is told: a mode, or ``"off"``."""
 SETTINGS: tuple[Setting, ...] = (*MODES, "off")
+
+ENV_VAR = "GRADGUARD"
+"""The mode's environment variable; every other option's is ``GRADGUARD_<NAME>``."""
+TABLE = "[tool.gradguard]"
 
 
 def validate_setting(value: object, source: str = "mode") -> Setting:
@@ -31,8 +50,7 @@ def parse_setting(text: object, source: str) -> Setting:
 
     Case and surrounding spaces do not matter; the error shows ``text`` as given.
     """
-    value = text.strip().lower() if isinstance(text, str) else text
-    return validate_setting(value if value in SETTINGS else text, source)
+    return validate_setting(_read_setting(text), source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,107 +73,7 @@ OPTION_NAMES = tuple(field.name for field in dataclasses.fields(Options))
 """Every option `gradguard.guard` takes besides the optimizer and the model, in order."""
 
 
-def make_options(**given: object) -> Options:
-    """Check each option given and return them as `Options`; raise naming the bad one.
-
-    Options not given keep `Options`' defaults. Each option has one check
-    (`_CHECKS`), whichever entry point it was passed to.
-    """
-    unknown = sorted(set(given) - set(_CHECKS))
-    if unknown:
-        raise TypeError(
-            f"unknown guard option {unknown[0]!r}; the options are {', '.join(OPTION_NAMES)}"
-        )
-    checked = {name: _CHECKS[name](value, name) for name, value in given.items()}
-    return Options(**checked)  # type: ignore[arg-type]  # each value passed its own check
-
-
-class Defaults(NamedTuple):
-    """What a guard created without these arguments takes from the active session."""
-
-    mode: Mode
-    ignore: frozenset[str]
-    record_norms: bool
-
-
-class Source(Protocol):
-    """A session, as the guards created while it is active see it."""
-
-    @property
-    def mode(self) -> Mode: ...
-
-    @property
-    def ignore(self) -> frozenset[str]: ...
-
-    @property
-    def record_norms(self) -> bool: ...
-
-
-# The active sessions, innermost last. Here rather than in `_session` so that
-# creating a guard reads them without importing the module that attaches guards.
-_ACTIVE: list[Source] = keep("session defaults", [])
-_LOCK = threading.Lock()
-
-
-def activate(session: Source) -> None:
-    """Make ``session`` the innermost: guards created from now on take its defaults."""
-    with _LOCK:
-        _ACTIVE.append(session)
-
-
-def deactivate(session: Source) -> None:
-    """Stop giving ``session``'s defaults; the one active before it gives them again."""
-    with _LOCK:
-        if session in _ACTIVE:
-            _ACTIVE.remove(session)
-
-
-def session_defaults() -> Defaults:
-    """The innermost active session's mode, ignored codes and ``record_norms``.
-
-    Without a session: ``"warn"``, nothing and ``False``. A guard created
-    without ``mode=`` under ``gradguard run --mode strict`` is strict: the
-    command line decides what the code left open.
-    """
-    if _ACTIVE:
-        session = _ACTIVE[-1]
-        return Defaults(session.mode, session.ignore, session.record_norms)
-    return Defaults("warn", frozenset(), False)
-
-
-def _count(value: object, name: str) -> int | None:
-    return _positive_int(name, value)
-
-
-def _optional_count(value: object, name: str) -> int | None:
-    return _positive_int(name, value, optional=True)
-
-
-def _flag(value: object, name: str) -> bool:
-    return validate_bool(name, value)
-
-
-def _factor(value: object, name: str) -> float | None:
-    return _positive_float(name, value, above=1.0)
-
-
-def _optional_norm(value: object, name: str) -> float | None:
-    return _positive_float(name, value, optional=True)
-
-
-_CHECKS: dict[str, Callable[[object, str], object]] = {
-    "mode": validate_mode,
-    "ignore": validate_codes,
-    "accumulation_steps": _optional_count,
-    "check_numerics": _flag,
-    "numerics_every": _optional_count,
-    "explode_factor": _factor,
-    "max_grad_norm": _optional_norm,
-    "unused_after": _count,
-    "record_norms": _flag,
-    "check_ranks_every": _optional_count,
-}
-"""The one check of each option in `Options`, called with the value and the option's name."""
+# -- one check per value ----------------------------------------------------------
 
 
 def validate_bool(name: str, value: object) -> bool:
@@ -188,6 +106,498 @@ def _positive_float(
     if not math.isfinite(value) or value <= above:
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
     return float(value)
+
+
+def _count(value: object, name: str) -> int | None:
+    return _positive_int(name, value)
+
+
+def _optional_count(value: object, name: str) -> int | None:
+    return _positive_int(name, value, optional=True)
+
+
+def _flag(value: object, name: str) -> bool:
+    return validate_bool(name, value)
+
+
+def _factor(value: object, name: str) -> float | None:
+    return _positive_float(name, value, above=1.0)
+
+
+def _optional_norm(value: object, name: str) -> float | None:
+    return _positive_float(name, value, optional=True)
+
+
+def _log_path(value: object, name: str) -> str:
+    resolve_path(value, name)  # a directory that exists, a name that is no directory
+    return os.fspath(cast("str | os.PathLike[str]", value))
+
+
+# -- reading a value a person typed -------------------------------------------------
+# What cannot be read is handed on as typed, so that its check names it as typed.
+
+
+def _read_setting(text: object) -> object:
+    word = text.strip().lower() if isinstance(text, str) else text
+    return word if word in SETTINGS else text
+
+
+def _as_typed(text: str) -> object:
+    return text
+
+
+def _read_int(text: str) -> object:
+    word = text.strip()
+    if word.lower() == "none":
+        return None
+    return int(word) if re.fullmatch(r"[+-]?\d+", word) else text
+
+
+def _read_float(text: str) -> object:
+    word = text.strip()
+    if word.lower() == "none":
+        return None
+    try:
+        return float(word)
+    except ValueError:
+        return text
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _read_bool(text: str) -> object:
+    word = text.strip().lower()
+    return True if word in _TRUE else False if word in _FALSE else text
+
+
+# -- the table ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option, as every entry point knows it.
+
+    ``check(value, where)`` returns the value checked, or raises naming
+    ``where``; ``read(text)`` turns what a person typed into the value to
+    check. ``guard_check`` is the check `gradguard.guard` applies where it
+    differs (a guard's mode cannot be ``"off"``). An option that is not
+    ``per_guard`` belongs to the run (its JSON log) and no guard takes it.
+    """
+
+    name: str
+    check: Callable[[object, str], object]
+    read: Callable[[str], object]
+    metavar: str
+    help: str
+    guard_check: Callable[[object, str], object] | None = None
+    per_guard: bool = True
+    path: bool = False  # a file path: read relative to the file that names it
+
+    @property
+    def boolean(self) -> bool:
+        """Whether it is on or off: ``--name`` and ``--no-name`` on a command line."""
+        return self.read is _read_bool
+
+    @property
+    def flag(self) -> str:
+        """``gradguard run``'s flag: ``--accumulation-steps``."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def pytest_flag(self) -> str:
+        """The pytest flag: ``--gradguard-accumulation-steps`` (the mode's: ``--gradguard``)."""
+        return "--gradguard" if self.name == "mode" else "--gradguard-" + self.flag[2:]
+
+    @property
+    def ini(self) -> str:
+        """The pytest ini key: ``gradguard_accumulation_steps`` (the mode: ``gradguard``)."""
+        return "gradguard" if self.name == "mode" else "gradguard_" + self.name
+
+    @property
+    def env(self) -> str:
+        """The environment variable: ``GRADGUARD_ACCUMULATION_STEPS`` (the mode: ``GRADGUARD``)."""
+        return ENV_VAR if self.name == "mode" else f"{ENV_VAR}_{self.name.upper()}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "mode",
+        validate_setting,
+        _read_setting,
+        "{" + ",".join(SETTINGS) + "}",
+        "strict: raise at the first finding; warn: a Python warning per finding; "
+        "log: log events only; off: gradguard does nothing",
+        guard_check=validate_mode,
+    ),
+    Option(
+        "ignore",
+        validate_codes,
+        _as_typed,
+        "CODES",
+        "finding codes never reported, e.g. GG103 or GG101,GG103",
+    ),
+    Option(
+        "accumulation_steps",
+        _optional_count,
+        _read_int,
+        "N",
+        "micro-batches per optimizer step, when gradients are accumulated on purpose: "
+        "GG104 when a step comes at another count",
+    ),
+    Option(
+        "check_numerics",
+        _flag,
+        _read_bool,
+        "",
+        "the non-finite (GG201) and exploding (GG202) gradient checks (default: on)",
+    ),
+    Option(
+        "numerics_every",
+        _optional_count,
+        _read_int,
+        "N",
+        "run the numeric checks every N steps (default: every step, or fewer on a CPU "
+        "with more than 256 gradient tensors)",
+    ),
+    Option(
+        "explode_factor",
+        _factor,
+        _read_float,
+        "X",
+        "GG202 when the total gradient norm reaches X times the largest of any earlier "
+        "step (default: 100)",
+    ),
+    Option(
+        "max_grad_norm",
+        _optional_norm,
+        _read_float,
+        "X",
+        "GG202 also when the total gradient norm is above X",
+    ),
+    Option(
+        "unused_after",
+        _count,
+        _read_int,
+        "N",
+        "GG301 for a trainable parameter with no gradient in its first N steps (default: 20)",
+    ),
+    Option(
+        "record_norms",
+        _flag,
+        _read_bool,
+        "",
+        "write every step's gradient norms (total and per top-level module) to the JSON log",
+    ),
+    Option(
+        "check_ranks_every",
+        _optional_count,
+        _read_int,
+        "K",
+        "under torch.distributed, compare the gradients about to be applied across ranks "
+        "every K steps (GG401)",
+    ),
+    Option(
+        "log_json",
+        _log_path,
+        _as_typed,
+        "PATH",
+        "write one JSON object per finding per line to PATH; {rank} becomes the rank",
+        per_guard=False,
+        path=True,
+    ),
+)
+"""Every option, in the order help lists them; the guard's come first, as in `Options`."""
+
+BY_NAME = {option.name: option for option in OPTIONS}
+GUARD_OPTIONS = tuple(option for option in OPTIONS if option.per_guard)
+
+_CHECKS: dict[str, Callable[[object, str], object]] = {
+    option.name: option.guard_check or option.check for option in GUARD_OPTIONS
+}
+"""The one check of each option in `Options`, called with the value and the option's name."""
+
+
+def make_options(**given: object) -> Options:
+    """Check each option given and return them as `Options`; raise naming the bad one.
+
+    Options not given keep `Options`' defaults. Each option has one check
+    (`_CHECKS`), whichever entry point it was passed to.
+    """
+    unknown = sorted(set(given) - set(_CHECKS))
+    if unknown:
+        raise TypeError(
+            f"unknown guard option {unknown[0]!r}; the options are {', '.join(OPTION_NAMES)}"
+        )
+    checked = {name: _CHECKS[name](value, name) for name, value in given.items()}
+    return Options(**checked)  # type: ignore[arg-type]  # each value passed its own check
+
+
+# -- an argument not passed ---------------------------------------------------------
+
+
+class Unset:
+    """A guard option its call left out: the active session's value, else ``default``.
+
+    Shown as ``default``, so a signature reads ``unused_after: int = 20``.
+    """
+
+    __slots__ = ("default",)
+
+    def __init__(self, default: object) -> None:
+        self.default = default
+
+    def __repr__(self) -> str:
+        return repr(self.default)
+
+
+_UNSET = {field.name: Unset(field.default) for field in dataclasses.fields(Options)}
+
+
+def unset(name: str) -> Any:
+    """The default of option ``name`` in a signature: its default, marked as not passed."""
+    return _UNSET[name]
+
+
+_NONE_IS_UNSET = ("mode", "ignore", "record_norms", "log_json")
+"""Options for which ``None`` has always meant "not given", as leaving them out does."""
+
+
+def passed(options: Mapping[str, object]) -> dict[str, object]:
+    """The options a call was given: all but those left out."""
+    return {
+        name: value
+        for name, value in options.items()
+        if not isinstance(value, Unset) and not (value is None and name in _NONE_IS_UNSET)
+    }
+
+
+# -- where values come from -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Given:
+    """What one source set, or several laid over each other: values checked, and their origin.
+
+    ``where`` names each option as its source does, for errors
+    (``--accumulation-steps``); ``layer`` says which source won, for a report
+    header (``command line``).
+    """
+
+    values: dict[str, object] = dataclasses.field(default_factory=dict)
+    where: dict[str, str] = dataclasses.field(default_factory=dict)
+    layer: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def guard_options(self) -> dict[str, object]:
+        """The values a guard takes (all but the run's own, such as its log)."""
+        return {k: v for k, v in self.values.items() if BY_NAME[k].per_guard}
+
+
+def layered(*layers: Given) -> Given:
+    """``layers`` laid over each other, lowest first: each option's value is the last one's."""
+    out = Given()
+    for layer in layers:
+        out.values.update(layer.values)
+        out.where.update(layer.where)
+        out.layer.update(layer.layer)
+    return out
+
+
+def _rebased(option: Option, value: object, base: str | None) -> object:
+    if option.path and base is not None and isinstance(value, str) and value:
+        return os.path.join(base, value)  # unchanged when value is absolute
+    return value
+
+
+def from_values(
+    values: Mapping[str, object],
+    where: Callable[[Option], str],
+    layer: str,
+    *,
+    base: str | None = None,
+    options: tuple[Option, ...] = OPTIONS,
+) -> Given:
+    """Check values given as Python or TOML values (a call, a marker, ``[tool.gradguard]``).
+
+    Raises:
+        TypeError, ValueError: a bad value, naming ``where(option)``.
+    """
+    out = Given()
+    known = {option.name: option for option in options}
+    for name, value in values.items():
+        option = known[name]
+        source = where(option)
+        out.values[name] = option.check(_rebased(option, value, base), source)
+        out.where[name] = source
+        out.layer[name] = layer
+    return out
+
+
+def from_text(
+    values: Mapping[str, object],
+    where: Callable[[Option], str],
+    layer: str,
+    *,
+    base: str | None = None,
+) -> Given:
+    """Check values a person typed (flags, variables, ini values); non-text ones as they are.
+
+    A flag such as ``--no-check-numerics`` arrives as a bool, ini values as
+    text or (``ignore`` from a TOML ini) a list.
+    """
+    typed = {
+        name: BY_NAME[name].read(value) if isinstance(value, str) else value
+        for name, value in values.items()
+    }
+    return from_values(typed, where, layer, base=base)
+
+
+def unknown_names(given: Mapping[str, object], source: str, options: tuple[Option, ...]) -> None:
+    """Raise a TypeError naming the first of ``given`` that is not among ``options``."""
+    unknown = sorted(set(given) - {option.name for option in options})
+    if unknown:
+        names = ", ".join(option.name for option in options)
+        raise TypeError(f"{source} has no option {unknown[0]!r}; the options are {names}")
+
+
+def from_environment(environ: Mapping[str, str]) -> Given:
+    """The options set by ``GRADGUARD`` and ``GRADGUARD_<NAME>``; empty ones are not set."""
+    texts = {o.name: environ[o.env] for o in OPTIONS if environ.get(o.env, "").strip()}
+    return from_text(texts, lambda o: f"the {o.env} environment variable", "environment")
+
+
+def find_pyproject(start: str) -> str | None:
+    """The first ``pyproject.toml`` in ``start`` or a directory above it: the project's."""
+    directory = os.path.abspath(start)
+    while True:
+        path = os.path.join(directory, "pyproject.toml")
+        if os.path.isfile(path):
+            return path
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+
+
+def from_pyproject(start: str) -> Given:
+    """The options in ``[tool.gradguard]`` of the project's ``pyproject.toml``, if it has one.
+
+    Paths in it are relative to the file.
+
+    Raises:
+        TypeError, ValueError: a bad value, an unknown key, or a file that is no TOML,
+            each naming the file.
+    """
+    path = find_pyproject(start)
+    if path is None:
+        return Given()
+    table = _tool_table(path)
+    source = f"{TABLE} of {path}"
+    if not isinstance(table, dict):
+        raise TypeError(f"{source} must be a table of options; got {table!r}")
+    unknown_names(table, source, OPTIONS)
+    return from_values(
+        table,
+        lambda o: f"{o.name} in {source}",
+        "pyproject.toml",
+        base=os.path.dirname(path),
+    )
+
+
+def _toml() -> Any:
+    """The TOML reader: tomllib, or on Python 3.10 tomli (which pytest installs there), or None."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    try:
+        import tomli  # type: ignore[import-not-found, unused-ignore]
+    except ModuleNotFoundError:
+        return None
+    return tomli
+
+
+def _tool_table(path: str) -> object:
+    """``[tool.gradguard]`` of the TOML file ``path``, or ``{}`` where there is none."""
+    toml = _toml()
+    if toml is None:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if TABLE[1:-1] in f.read():
+                raise ValueError(
+                    f"{path} has a {TABLE} table, and reading it needs Python 3.11 or "
+                    "the tomli package: pip install tomli"
+                )
+        return {}
+    try:
+        with open(path, "rb") as f:
+            document = toml.load(f)
+    except (OSError, toml.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read {TABLE} from {path}: {exc}") from None
+    tool = document.get("tool", {})
+    return tool.get("gradguard", {}) if isinstance(tool, dict) else {}
+
+
+def needs_log(given: Given, flag: str) -> None:
+    """Raise when ``record_norms`` is on with no JSON log to write the norms to.
+
+    ``flag`` is how the entry point's user names the log (``--log-json PATH``).
+    """
+    if given.values.get("record_norms") and given.values.get("log_json") is None:
+        where = given.where["record_norms"]
+        raise ValueError(f"{where} needs {flag}: the norms go to that file")
+
+
+# -- the active sessions ---------------------------------------------------------------
+
+
+class Source(Protocol):
+    """A session, as the guards created while it is active see it."""
+
+    @property
+    def options(self) -> Mapping[str, object]:
+        """The guard options this session sets, checked: its mode always, the rest if given."""
+        ...
+
+
+# The active sessions, innermost last. Here rather than in `_session` so that
+# creating a guard reads them without importing the module that attaches guards.
+_ACTIVE: list[Source] = keep("session defaults", [])
+_LOCK = threading.Lock()
+
+
+def activate(session: Source) -> None:
+    """Make ``session`` the innermost: guards created from now on take its defaults."""
+    with _LOCK:
+        _ACTIVE.append(session)
+
+
+def deactivate(session: Source) -> None:
+    """Stop giving ``session``'s defaults; the one active before it gives them again."""
+    with _LOCK:
+        if session in _ACTIVE:
+            _ACTIVE.remove(session)
+
+
+def session_defaults() -> dict[str, object]:
+    """Each option some active session sets, as the innermost of them sets it.
+
+    A guard created without ``mode=`` under ``gradguard run --mode strict`` is
+    strict: the command line decides what the code left open. A session that
+    leaves an option unset (an `install` inside ``gradguard run``) lets the
+    one around it decide.
+    """
+    with _LOCK:
+        sessions = list(_ACTIVE)
+    merged: dict[str, object] = {}
+    for session in sessions:
+        merged.update(session.options)
+    return merged
+
+
+def session_mode() -> Mode:
+    """The mode a guard created now without ``mode=`` gets."""
+    return cast(Mode, session_defaults().get("mode", "warn"))
 
 
 def short_repr(value: object, limit: int = 60) -> str:

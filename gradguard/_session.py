@@ -18,25 +18,29 @@ import atexit
 import os
 import sys
 import weakref
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO, cast
 
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradguard import _children
 from gradguard._children import ChildLog, Follow
 from gradguard._compiled import untraced
-from gradguard._config import activate, deactivate, validate_bool, validate_setting
-from gradguard._dispatch import (
-    Mode,
-    SinkHandle,
-    _log,
-    add_record_sink,
-    add_sink,
-    validate_codes,
+from gradguard._config import (
+    BY_NAME,
+    GUARD_OPTIONS,
+    Given,
+    activate,
+    deactivate,
+    from_values,
+    passed,
+    session_defaults,
+    unknown_names,
+    unset,
 )
+from gradguard._dispatch import Mode, SinkHandle, _log, add_record_sink, add_sink
 from gradguard._findings import Finding
-from gradguard._jsonlog import JsonLog, now, resolve_path
+from gradguard._jsonlog import JsonLog, now
 from gradguard._naming import REGISTRATIONS
 from gradguard._process import keep
 from gradguard._report import Record, Run, plural, render_table, wants_colour, width_for
@@ -87,28 +91,26 @@ class Session:
     ``child_of=DIRECTORY`` it is such a child's session, writing to its file
     in that directory and printing no summary of its own. ``log_source``
     names ``log_json`` in the error a bad path raises (``--log-json``).
+
+    ``options`` are the guard options it gives the guards created while it
+    is active (checked where they were set), besides ``mode``; those it
+    leaves out come from the session around it, if any, else their defaults.
     """
 
     def __init__(
         self,
         mode: Mode,
         *,
-        ignore: frozenset[str] = frozenset(),
+        options: Mapping[str, object] | None = None,
         log_json: object = None,
         log_source: str = "log_json",
         verbose: bool = False,
-        record_norms: bool = False,
         follow: bool = False,
         child_of: str | None = None,
     ) -> None:
-        if record_norms and log_json is None and child_of is None:
-            raise ValueError(
-                "record_norms=True needs log_json=PATH: the norms are written to the JSON log"
-            )
+        self.options: dict[str, object] = {**(options or {}), "mode": mode}
         self.mode: Mode = mode
-        self.ignore = ignore
         self.verbose = verbose
-        self.record_norms = record_norms
         self.findings: list[Finding] = []
         self.optimizers = 0
         # Stamped: a code's first occurrence here is ordered among the children's.
@@ -158,7 +160,9 @@ class Session:
         REGISTRATIONS.start()  # name parameters without walking the heap
         if self._wants_follow:
             try:
-                self._follow = Follow(self.mode, self.ignore, self.record_norms)
+                # What the guards here get, the children's get: this session's
+                # options over those of the sessions around it.
+                self._follow = Follow({**session_defaults(), **self.options})
             except Exception as exc:  # say why, and let the script run all the same
                 _log().warning(
                     "children-not-followed",
@@ -286,13 +290,8 @@ class Session:
             from gradguard._api import attach, guard_of
 
             if guard_of(opt) is None:
-                g = attach(
-                    opt,
-                    mode=self.mode,
-                    ignore=self.ignore,
-                    record_norms=self.record_norms,
-                    judge_first_step=False,
-                )
+                # Every option from the active sessions: as for a guard() without arguments.
+                g = attach(opt, judge_first_step=False)
                 self._owned.add(g)
         except Exception as exc:  # never break the user's step
             _log().error(
@@ -418,12 +417,7 @@ def start_child() -> Session | None:
     if found is None:  # not followed, or unreadable: said once, never tried again
         _SESSIONS.left = True
         return None
-    session = Session(
-        found.mode,
-        ignore=found.ignore,
-        record_norms=found.record_norms,
-        child_of=found.directory,
-    )
+    session = Session(found.mode, options=found.options, child_of=found.directory)
     # Not a hook of its own: this may run inside torch's loop over the global hooks.
     session.start(global_hook=False)
     _SESSIONS.child = session
@@ -456,7 +450,14 @@ def install(
     *,
     log_json: object = None,
     ignore: Iterable[str] | str | None = None,
-    record_norms: bool = False,
+    record_norms: bool = unset("record_norms"),
+    accumulation_steps: int | None = unset("accumulation_steps"),
+    check_numerics: bool = unset("check_numerics"),
+    numerics_every: int | None = unset("numerics_every"),
+    explode_factor: float = unset("explode_factor"),
+    max_grad_norm: float | None = unset("max_grad_norm"),
+    unused_after: int = unset("unused_after"),
+    check_ranks_every: int | None = unset("check_ranks_every"),
 ) -> None:
     """Guard every optimizer this process steps from now on, with no other code change.
 
@@ -478,16 +479,23 @@ def install(
         ignore: finding codes to silence, as a list or ``"GG101,GG103"``.
         record_norms: also write every step's gradient norms, total and per
             top-level module, to ``log_json`` (``gradguard report --plot``).
+        accumulation_steps, check_numerics, numerics_every, explode_factor,
+            max_grad_norm, unused_after, check_ranks_every: as for
+            `gradguard.guard`, for every guard created while installed that
+            does not set them itself. One left out here is that of the
+            session around this one (``gradguard run``, the pytest plugin),
+            else its default.
 
     Raises:
         TypeError: an argument has the wrong type (``ignore=5``, ``log_json=3``,
             ``record_norms=1``, ``mode=None``).
         ValueError: unknown mode or code, ``log_json`` in a missing directory,
-            naming a directory or one the system refuses to create, or
-            ``record_norms`` without ``log_json``. Either way the session
-            already running, if any, is left as it was.
+            naming a directory or one the system refuses to create, an
+            out-of-range option, or ``record_norms`` without ``log_json``.
+            Either way the session already running, if any, is left as it was.
     """
-    _install(mode, log_json=log_json, ignore=ignore, record_norms=record_norms, summary=True)
+    arguments = dict(locals())
+    _install(arguments, summary=True)
 
 
 def install_quietly(mode: str = "warn") -> None:
@@ -499,36 +507,41 @@ def install_quietly(mode: str = "warn") -> None:
     Raises:
         ValueError: unknown mode; the session running, if any, is left as it was.
     """
-    _install(mode, log_json=None, ignore=None, record_norms=False, summary=False)
+    _install({"mode": mode}, summary=False)
 
 
-def _install(
-    mode: object,
-    *,
-    log_json: object,
-    ignore: object,
-    record_norms: object,
-    summary: bool,
-) -> None:
-    """`install`'s work; with ``summary``, the session replaced prints its summary."""
-    setting = validate_setting(mode)
-    codes = validate_codes(ignore)
-    norms = validate_bool("record_norms", record_norms)
-    if log_json is not None:
-        resolve_path(log_json)  # checked even where it is not opened: "off", a followed child
-    if norms and log_json is None:
+_INSTALL_OPTIONS = (*GUARD_OPTIONS, BY_NAME["log_json"])
+
+
+def _checked_install(arguments: Mapping[str, object]) -> Given:
+    """`install`'s arguments checked, each error naming the argument as `guard`'s do."""
+    given = {**passed(arguments), "mode": arguments["mode"]}  # install always sets a mode
+    unknown_names(given, "install()", _INSTALL_OPTIONS)
+    checked = from_values(given, lambda o: o.name, "install()", options=_INSTALL_OPTIONS)
+    if checked.values.get("record_norms") and "log_json" not in checked.values:
         raise ValueError(
             "record_norms=True needs log_json=PATH: the norms are written to the JSON log"
         )
+    return checked
+
+
+def _install(arguments: Mapping[str, object], *, summary: bool) -> None:
+    """`install`'s work; with ``summary``, the session replaced prints its summary."""
+    checked = _checked_install(arguments)
+    setting = checked.values["mode"]  # checked: a mode, or "off"
+    options = checked.guard_options()
+    del options["mode"]
+    log_json = checked.values.get("log_json")
     parent = _children.settings()
     # Built first: a bad argument must leave any current session running.
     session: Session | None = None
     if setting == "off":
         pass
     elif parent is not None:
-        session = Session(setting, ignore=codes, record_norms=norms, child_of=parent.directory)
+        options = {**parent.options, **options}  # what this call leaves out, the run decides
+        session = Session(cast(Mode, setting), options=options, child_of=parent.directory)
     else:
-        session = Session(setting, ignore=codes, log_json=log_json, record_norms=norms, follow=True)
+        session = Session(cast(Mode, setting), options=options, log_json=log_json, follow=True)
     if summary:
         uninstall()
     else:

@@ -29,13 +29,21 @@ import types
 import zipfile
 from collections.abc import Callable, Sequence
 from importlib.machinery import SourceFileLoader
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from gradguard import _plot
-from gradguard._config import SETTINGS, parse_setting
-from gradguard._dispatch import validate_codes
+from gradguard._config import (
+    ENV_VAR,
+    OPTIONS,
+    Given,
+    Setting,
+    from_environment,
+    from_pyproject,
+    from_text,
+    layered,
+    needs_log,
+)
 from gradguard._exceptions import ERRORS, GradGuardError
-from gradguard._jsonlog import resolve_path
 from gradguard._report import (
     Record,
     ReportError,
@@ -50,8 +58,7 @@ from gradguard._stderr import say
 if TYPE_CHECKING:
     from gradguard._session import Session
 
-ENV_VAR = "GRADGUARD"
-_VALUE_OPTIONS = ("--mode", "--log-json", "--ignore")
+_VALUE_OPTIONS = tuple(option.flag for option in OPTIONS if not option.boolean)
 
 Runner = Callable[[], None]
 
@@ -78,33 +85,20 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
         description=(
             "Run a Python script (or -m module) as python would, with every "
             "torch.optim.Optimizer it steps guarded. Options go before the script; "
-            "everything after it is the script's own sys.argv."
+            "everything after it is the script's own sys.argv. Each option can also be "
+            f"set by [tool.gradguard] in pyproject.toml or by {ENV_VAR}_<OPTION> "
+            f"({ENV_VAR} for the mode); the command line wins over both."
         ),
         usage="gradguard run [options] (script.py | -m module) [args ...]",
     )
-    run.add_argument(
-        "--mode",
-        metavar="{" + ",".join(SETTINGS) + "}",
-        help=(
-            "strict: raise at the first finding; warn: a Python warning per finding "
-            "(default); log: log events only; off: run without gradguard. "
-            f"Default: the {ENV_VAR} environment variable, else warn."
-        ),
-    )
-    run.add_argument(
-        "--log-json",
-        metavar="PATH",
-        help="write one JSON object per finding per line to PATH; {rank} becomes the rank",
-    )
-    run.add_argument(
-        "--ignore", metavar="CODES", help="finding codes to silence, e.g. GG103 or GG101,GG103"
-    )
-    run.add_argument(
-        "--record-norms",
-        action="store_true",
-        help="also write every step's gradient norms (total and per top-level module) to "
-        "the --log-json file",
-    )
+    for option in OPTIONS:
+        text = option.help
+        if option.name == "mode":
+            text += f" (default: the {ENV_VAR} environment variable, else warn)"
+        if option.boolean:
+            run.add_argument(option.flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            run.add_argument(option.flag, metavar=option.metavar, help=text)
     run.add_argument(
         "--verbose", action="store_true", help="print the summary even when nothing was found"
     )
@@ -178,20 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = run_parser.parse_args(option_tokens)
     if script is None and module is None:
         run_parser.error("give a script to run, or -m module")
-    env = os.environ.get(ENV_VAR, "")
     try:
-        if opts.mode is not None:
-            mode = parse_setting(opts.mode, "--mode")
-        else:
-            source = f"the {ENV_VAR} environment variable"
-            mode = parse_setting(env, source) if env.strip() else "warn"
-        codes = validate_codes(opts.ignore, "--ignore")
-        if opts.log_json is not None:
-            resolve_path(opts.log_json, "--log-json")
-        elif opts.record_norms:
-            raise ValueError("--record-norms needs --log-json PATH: the norms go to that file")
+        given = _settings(opts)
     except (TypeError, ValueError) as exc:
         run_parser.error(str(exc))
+    mode = cast(Setting, given.values.get("mode", "warn"))  # checked
 
     # --help and the usage errors, all but a log file that cannot be created,
     # have exited by now: they never wait for torch to import.
@@ -200,16 +185,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A run started inside a followed process is a run of its own.
     leave_parent_run()
     try:
+        options = given.guard_options()
+        options.pop("mode", None)
         session = (
             None
             if mode == "off"
             else Session(
                 mode,
-                ignore=codes,
-                log_json=opts.log_json,
-                log_source="--log-json",
+                options=options,
+                log_json=given.values.get("log_json"),
+                log_source=given.where.get("log_json", "--log-json"),
                 verbose=opts.verbose,
-                record_norms=opts.record_norms,
                 follow=True,
             )
         )
@@ -222,6 +208,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             session.stop()
         return runner
     return _execute(runner, session, mode)
+
+
+def _settings(opts: argparse.Namespace) -> Given:
+    """The run's options: ``[tool.gradguard]``, then the environment, then the flags.
+
+    Raises:
+        TypeError, ValueError: a bad value, naming where it came from.
+    """
+    flags = {o.name: getattr(opts, o.name) for o in OPTIONS if getattr(opts, o.name) is not None}
+    given = layered(
+        from_pyproject(os.getcwd()),
+        from_environment(os.environ),
+        from_text(flags, lambda o: o.flag, "command line"),
+    )
+    needs_log(given, "--log-json PATH")
+    return given
 
 
 def _report(opts: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ except ImportError as exc:
     ) from exc
 
 from gradguard._callbacks import CallbackGuards
-from gradguard._config import session_defaults
+from gradguard._config import session_mode
 from gradguard._dispatch import _log
 from gradguard._integrations import callback_handler
 
@@ -95,7 +95,7 @@ class GradGuardCallback(CallbackGuards, TrainerCallback):
         try:
             self._attach([kwargs.get("optimizer")], kwargs.get("model"), accumulate)
         except Exception as exc:  # an optimizer gradguard cannot hook (DeepSpeed's)
-            if (session_defaults().mode if self.mode is None else self.mode) == "strict":
+            if (session_mode() if self.mode is None else self.mode) == "strict":
                 raise
             _log().warning(
                 "optimizer-not-guarded",

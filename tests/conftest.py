@@ -16,6 +16,7 @@ from torch import nn
 
 import gradguard
 from gradguard import _process
+from gradguard._config import OPTIONS
 from gradguard._health import LATENESS
 
 pytest_plugins = ["pytester"]
@@ -139,20 +140,31 @@ def codes(g: gradguard.Guard) -> list[str]:
     return [f.code for f in g.findings]
 
 
+# GRADGUARD, GRADGUARD_ACCUMULATION_STEPS...: what the shell running the suite
+# sets must not reach the runs a test starts.
+OPTION_VARS = tuple(option.env for option in OPTIONS)
+
+
+def _unset_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in OPTION_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def subprocess_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Make child processes import gradguard from this checkout, with no GRADGUARD set."""
     env = child_env()
     monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
-    monkeypatch.delenv("GRADGUARD", raising=False)
+    _unset_options(monkeypatch)
     monkeypatch.delenv("RANK", raising=False)
     return dict(os.environ)
 
 
 def child_env() -> dict[str, str]:
     """An environment for a child process that imports gradguard from this checkout,
-    with no GRADGUARD or RANK set (for runs started outside a test's own environment)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GRADGUARD", "RANK")}
+    with no GRADGUARD (or other option's variable) or RANK set (for runs started
+    outside a test's own environment)."""
+    env = {k: v for k, v in os.environ.items() if k not in (*OPTION_VARS, "RANK")}
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
     return env
@@ -164,7 +176,7 @@ def isolated_sys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
-    monkeypatch.delenv("GRADGUARD", raising=False)
+    _unset_options(monkeypatch)
 
 
 SOAK_DEFAULT = 2_000

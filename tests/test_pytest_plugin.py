@@ -193,24 +193,6 @@ def test_warn_mode_lists_findings_in_the_warnings_summary_and_json_log(
     assert (summary["event"], summary["counts"]) == ("summary", {"GG102": 3})
 
 
-def test_loading_the_plugin_imports_neither_torch_nor_gradguard(
-    pytester: pytest.Pytester,
-) -> None:
-    """A pytest run that does not use gradguard never imports torch because of the plugin."""
-    pytester.makepyfile(
-        """
-import sys
-
-
-def test_nothing_heavy_was_imported():
-    assert "torch" not in sys.modules
-    assert "gradguard" not in sys.modules
-"""
-    )
-    result = _run(pytester)
-    result.assert_outcomes(passed=1)
-
-
 def test_a_run_whose_tests_import_gradguard_but_never_guard_ends_without_torch(
     pytester: pytest.Pytester,
 ) -> None:

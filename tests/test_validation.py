@@ -257,6 +257,13 @@ INSTALL = _rows(
     ({"mode": "off", "log_json": 3}, TypeError, ("got 3", "log_json", "os.PathLike")),
     ({"record_norms": 1}, TypeError, ("got 1", "record_norms", "True or False")),
     ({"record_norms": True}, ValueError, ("record_norms=True", "log_json=PATH")),
+    ({"accumulation_steps": 0}, ValueError, ("got 0", "accumulation_steps", "positive int")),
+    ({"check_numerics": "no"}, TypeError, ("got 'no'", "check_numerics", "True or False")),
+    ({"explode_factor": 1}, ValueError, ("got 1", "explode_factor", "above 1")),
+    ({"max_grad_norm": -1.0}, ValueError, ("got -1.0", "max_grad_norm", "above 0")),
+    ({"unused_after": None}, TypeError, ("got None", "unused_after", "positive int")),
+    ({"numerics_every": 0}, ValueError, ("got 0", "numerics_every", "positive int")),
+    ({"check_ranks_every": "2"}, TypeError, ("got '2'", "check_ranks_every", "positive int")),
 )
 
 
@@ -475,6 +482,25 @@ PYTEST_OPTIONS: list[tuple[str, list[str], dict[str, str], tuple[str, ...]]] = [
         {},
         ("ini option gradguard_log_json", "no/gg.jsonl'", "existing directory"),
     ),
+    (
+        "",
+        ["--gradguard-accumulation-steps=0"],
+        {},
+        ("the --gradguard-accumulation-steps option", "got 0", "positive int"),
+    ),
+    ("gradguard_unused_after = x", [], {}, ("ini option gradguard_unused_after", "got 'x'")),
+    (
+        "",
+        [],
+        {"GRADGUARD_MAX_GRAD_NORM": "-1"},
+        ("the GRADGUARD_MAX_GRAD_NORM environment variable", "got -1.0", "above 0"),
+    ),
+    (
+        "",
+        ["--gradguard-record-norms"],
+        {},
+        ("the --gradguard-record-norms option", "needs --gradguard-log-json PATH"),
+    ),
 ]
 
 
@@ -519,7 +545,13 @@ MARKERS: list[tuple[str, tuple[str, ...]]] = [
     ("ignore=5", ("@pytest.mark.gradguard(ignore=...) on", "got 5", CODES)),
     ("ignore=['GG999']", ("@pytest.mark.gradguard(ignore=...) on", "'GG999'", "known codes")),
     ("ignore=[101]", ("@pytest.mark.gradguard(ignore=...) on", "got 101", "as str")),
-    ("mod='strict'", ("@pytest.mark.gradguard on", "takes mode= and ignore=", "'mod'")),
+    ("mod='strict'", ("@pytest.mark.gradguard on", "has no option 'mod'", "accumulation_steps")),
+    ("log_json='x'", ("@pytest.mark.gradguard on", "has no option 'log_json'")),
+    (
+        "accumulation_steps=0",
+        ("@pytest.mark.gradguard(accumulation_steps=...) on", "got 0", "positive int"),
+    ),
+    ("check_numerics='no'", ("@pytest.mark.gradguard(check_numerics=...) on", "True or False")),
 ]
 
 

@@ -236,3 +236,52 @@ def test_under_torchrun_each_ranks_children_report_to_that_ranks_log(tmp_path, s
     assert finding["location"] == "train.py:16"
     assert finding["pid"] != summary["pid"]  # the child's own, not its rank's
     assert summary["counts"] == {"GG101": 2}
+
+
+# FunASR's off-by-one no_sync window, with no gradguard line in it: the first
+# micro-batch of each window syncs and the last, which steps, does not, so the
+# ranks step on different gradients. Windows of 3 micro-batches.
+OFF_BY_ONE_SCRIPT = """\
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range(4):
+    opt.zero_grad()
+    for k in range(3):
+        with model.no_sync() if k % 3 != 0 else contextlib.nullcontext():
+            seed = torch.Generator().manual_seed(100 * rank + 3 * step + k)
+            x = torch.randn(8, 4, generator=seed)
+            model(x).pow(2).mean().backward()
+    opt.step()
+dist.barrier()
+dist.destroy_process_group()
+print(f"rank {rank} done")
+"""
+
+
+def test_runner_under_torchrun_compares_ranks_and_reads_the_projects_table(
+    tmp_path, subprocess_env
+):
+    """torchrun -m gradguard run --check-ranks-every 1, in a project whose [tool.gradguard]
+    declares 2 micro-batches: each rank reports GG401 (only comparing ranks finds the
+    off-by-one no_sync window) and GG104 (the loop steps every 3)."""
+    (tmp_path / "pyproject.toml").write_text("[tool.gradguard]\naccumulation_steps = 2\n")
+    script = tmp_path / "train.py"
+    script.write_text(OFF_BY_ONE_SCRIPT)
+    log = f"--log-json={tmp_path / 'run-{rank}.jsonl'}"
+    args = ["-m", "gradguard", "run", "--mode=log", "--check-ranks-every", "1", log, str(script)]
+    proc = torchrun(*args, env=subprocess_env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        lines = (tmp_path / f"run-{rank}.jsonl").read_text().splitlines()
+        records = [r for r in map(json.loads, lines) if r.get("event") not in ("summary", "norms")]
+        assert {r["code"] for r in records} == {"GG104", "GG401"}, (rank, records)
+        assert {r["rank"] for r in records} == {rank}
