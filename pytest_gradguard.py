@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 
 if TYPE_CHECKING:
-    from gradguard._config import Given, Option
+    from gradguard._config import Option
     from gradguard._findings import Finding
     from gradguard._session import Session
+    from gradguard._sources import Given
 
 FIXTURE = "gradguard_findings"
 
@@ -97,14 +98,8 @@ def _settings(config: pytest.Config) -> Settings:
     Raises:
         _BadSetting: a bad value, naming where it came from.
     """
-    from gradguard._config import (
-        OPTIONS,
-        from_environment,
-        from_pyproject,
-        from_text,
-        layered,
-        needs_log,
-    )
+    from gradguard._config import OPTIONS
+    from gradguard._sources import from_environment, from_pyproject, from_text, layered, needs_log
 
     cli = {o.name: config.getoption(o.ini) for o in OPTIONS}
     ini = {o.name: config.getini(o.ini) for o in OPTIONS}
@@ -182,7 +177,8 @@ def _item_options(item: pytest.Item, settings: Settings) -> tuple[str, dict[str,
     Raises:
         _BadSetting: a bad marker argument, naming the marker and the test.
     """
-    from gradguard._config import GUARD_OPTIONS, from_values, unknown_names
+    from gradguard._config import GUARD_OPTIONS
+    from gradguard._sources import from_values, unknown_names
 
     options = settings.given.guard_options()
     mode = str(options.pop("mode", "off"))

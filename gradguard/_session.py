@@ -29,13 +29,10 @@ from gradguard._compiled import untraced
 from gradguard._config import (
     BY_NAME,
     GUARD_OPTIONS,
-    Given,
     activate,
     deactivate,
-    from_values,
     passed,
     session_defaults,
-    unknown_names,
     unset,
 )
 from gradguard._dispatch import Mode, SinkHandle, _log, add_record_sink, add_sink
@@ -44,6 +41,7 @@ from gradguard._jsonlog import JsonLog, now
 from gradguard._naming import REGISTRATIONS
 from gradguard._process import keep
 from gradguard._report import Record, Run, plural, render_table, wants_colour, width_for
+from gradguard._sources import Given, from_values, unknown_names
 from gradguard._startup import say as say_once
 from gradguard._stderr import say
 from gradguard._tally import SummaryRow, Tally

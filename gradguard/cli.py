@@ -32,17 +32,7 @@ from importlib.machinery import SourceFileLoader
 from typing import TYPE_CHECKING, NoReturn, cast
 
 from gradguard import _plot
-from gradguard._config import (
-    ENV_VAR,
-    OPTIONS,
-    Given,
-    Setting,
-    from_environment,
-    from_pyproject,
-    from_text,
-    layered,
-    needs_log,
-)
+from gradguard._config import ENV_VAR, OPTIONS, Setting
 from gradguard._exceptions import ERRORS, GradGuardError
 from gradguard._report import (
     Record,
@@ -52,6 +42,14 @@ from gradguard._report import (
     report_text,
     wants_colour,
     width_for,
+)
+from gradguard._sources import (
+    Given,
+    from_environment,
+    from_pyproject,
+    from_text,
+    layered,
+    needs_log,
 )
 from gradguard._stderr import say
 
