@@ -550,6 +550,7 @@ class Guard:
             REGISTRY.release(slot, self._hook_failed)
         self._slots.clear()
         self._judge.close()  # after the slots: the last guard of a run leaves none
+        self._models.close()
         self._cache, self._unhooked, self._params, self._slot_list = [], [], [], []
         self._schedule.clear()
         self._current = None

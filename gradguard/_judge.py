@@ -157,7 +157,6 @@ class StepJudge:
         self._closed = True
         self.lifecycle.close()
         self._foreign.close()
-        self._models.close()
         self._backward_norms.remove()
         self._end_sighting()
         if len(REGISTRY) == 0:  # the run is over: the next one looks again
@@ -181,6 +180,8 @@ class StepJudge:
             params = [p for p in verdict.fresh if p.requires_grad and id(p) in self._slots]
             slots = [self._slots[id(p)] for p in params]
         leaks = self._foreign.judge(params, slots, verdict.micro_batches)
+        if not leaks:
+            return
         changed = {id(p) for p in (*verdict.changed, *verdict.stale_changed)}
         for leak in leaks:
             report = functools.partial(self._report_leak, leak, location, self.step)

@@ -315,9 +315,9 @@ class World:
     def note_step(self, owner: int) -> None:
         """The optimizer ``owner`` is about to step: the passes it applies."""
         refs = self.refs if owner == 1 else self.drefs
-        ends = [{r.window[0], r.window[-1]} for r in refs if r.member and r.trainable and r.window]
-        sure = set().union(*[e for e, r in zip(ends, _windowed(refs), strict=True) if r.new])
-        maybe = set().union(*ends)
+        windowed = [r for r in refs if r.member and r.trainable and r.window]
+        sure = {end for r in windowed if r.new for end in (r.window[0], r.window[-1])}
+        maybe = {end for r in windowed for end in (r.window[0], r.window[-1])}
         self.stepped.append((owner, sure, maybe, self.passes))
 
     def foreign(self, owner: int) -> tuple[set[int], set[int], set[int]]:
@@ -348,10 +348,6 @@ class World:
             if blind:
                 may_miss.add(i)
         return must, may_miss, may_add
-
-
-def _windowed(refs: list[Ref]) -> list[Ref]:
-    return [r for r in refs if r.member and r.trainable and r.window]
 
 
 def apply(op: str, w: World) -> None:
